@@ -1,0 +1,113 @@
+"""The public pure function: BlossomRec attention with an ``impl=`` switch."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from blossom_jax.config import IMPLEMENTATIONS, AttentionConfig
+from blossom_jax.ops import common, reference, xla
+
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def _check_inputs(q, k, v, gates, compress_params, valid, config: AttentionConfig) -> None:
+    if q.ndim != 4:
+        raise ValueError(f"q must be [B, N, H, d], got shape {q.shape}")
+    batch, seq_len, num_heads, head_dim = q.shape
+    if seq_len < 1:
+        raise ValueError(f"sequence length must be >= 1, got {seq_len}")
+    if num_heads != config.num_heads or head_dim != config.head_dim:
+        raise ValueError(
+            f"q has {num_heads} heads of dim {head_dim} but the config says num_heads="
+            f"{config.num_heads}, head_dim={config.head_dim}")
+    kv_shape = (batch, seq_len, config.num_kv_heads, head_dim)
+    for name, x in (("k", k), ("v", v)):
+        if tuple(x.shape) != kv_shape:
+            raise ValueError(f"{name} must have shape {kv_shape} (B, N, num_kv_heads, d), got {x.shape}")
+    for name, x in (("q", q), ("k", k), ("v", v), ("gates", gates)):
+        if x.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float32 or bfloat16, got {x.dtype}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if tuple(gates.shape) != (batch, seq_len, num_heads, 2):
+        raise ValueError(
+            f"gates must be [B, N, H, 2] = {(batch, seq_len, num_heads, 2)} (LTIS, STIS weight per head), "
+            f"got {gates.shape}")
+    if valid is not None:
+        if tuple(valid.shape) != (batch, seq_len):
+            raise ValueError(f"valid must be [B, N] = {(batch, seq_len)}, got {valid.shape}")
+        if valid.dtype != jnp.bool_:
+            raise ValueError(f"valid must be a bool array, got {valid.dtype}")
+    expected = common.compress_param_shapes(config)
+    missing = sorted(set(expected) - set(compress_params))
+    if missing:
+        raise ValueError(f"compress_params is missing {missing}; expected keys {sorted(expected)}")
+    for name, shape in expected.items():
+        if tuple(compress_params[name].shape) != shape:
+            raise ValueError(
+                f"compress_params[{name!r}] must have shape {shape}, got {compress_params[name].shape}")
+
+
+def resolve_impl(impl: str, seq_len: int, config: AttentionConfig) -> str:
+    """The implementation ``impl="auto"`` runs for this backend and length.
+
+    "auto" picks "pallas" on GPU/TPU where the kernels are available (see
+    ``blossom_jax.ops.pallas.available``), else "xla". The dense "reference" is never picked.
+    """
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    from blossom_jax.ops import pallas  # local: keeps the kernels out of CPU-only imports
+
+    if pallas.available(jax.default_backend()) and pallas.auto_prefers_pallas(
+            jax.default_backend(), seq_len, config):
+        return "pallas"
+    return "xla"
+
+
+def blossom_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    gates: jax.Array,
+    compress_params: Mapping[str, jax.Array],
+    *,
+    valid: jax.Array | None = None,
+    causal: bool | None = None,
+    config: AttentionConfig = AttentionConfig(),
+    impl: str = "auto",
+) -> jax.Array:
+    """BlossomRec attention (SPEC sections 3-5): gated sum of LTIS and STIS attention per head.
+
+    Args:
+      q: rotated queries [B, N, H, d] (float32 or bfloat16).
+      k: rotated keys [B, N, Hk, d]; query head h uses kv head h // (H // Hk).
+      v: values [B, N, Hk, d].
+      gates: sigmoid gate values [B, N, H, 2]; [..., 0] weights LTIS, [..., 1] weights STIS.
+      compress_params: the LTIS key-compression parameters: ``intrablock_positions`` [Hk, l, d],
+        ``w1`` [l*d, l*d], ``b1`` [l*d], ``w2`` [l*d, d], ``b2`` [d] (weights [in, out]).
+      valid: optional bool [B, N] (True = real item); rows are expected right-padded. Default all valid.
+      causal: overrides ``config.causal`` when given.
+      config: the attention knobs; its head counts must match the arrays.
+      impl: "auto" | "reference" (dense masks, N <= 4096) | "xla" (sparse gathers) | "pallas" (kernels).
+    Returns:
+      [B, N, H, d] in q's dtype; 0 at invalid query positions. Softmax and accumulation in float32.
+    """
+    if causal is not None and causal != config.causal:
+        config = config.replace(causal=causal)
+    _check_inputs(q, k, v, gates, compress_params, valid, config)
+    if valid is None:
+        valid = jnp.ones(q.shape[:2], jnp.bool_)
+    chosen = resolve_impl(impl, q.shape[1], config)
+    args = (q, k, v, gates, compress_params, valid, config)
+    if chosen == "reference":
+        return reference.blossom_attention_reference(*args)
+    if chosen == "xla":
+        return xla.blossom_attention_xla(*args)
+    from blossom_jax.ops import pallas
+
+    return pallas.blossom_attention_pallas(*args)

@@ -1,0 +1,1 @@
+"""Implementations of BlossomRec attention behind ``blossom_jax.blossom_attention(impl=...)``."""
