@@ -64,10 +64,12 @@ def stis_attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array,
         keys.append(jnp.broadcast_to(k[:, -1:], k.shape))
         values.append(jnp.broadcast_to(v[:, -1:], v.shape))
         key_valid.append(valid[:, -1:] & (seq_len - 1 - positions >= config.window)[None, :])
-    scores = jnp.stack([jnp.einsum("bnhgd,bnhd->bnhg", q, key) for key in keys], axis=-1) * scale
+    keys = jnp.stack(keys, axis=3)  # [B, N, Hk, T, d]
+    values = jnp.stack(values, axis=3)
+    scores = jnp.einsum("bnhgd,bnhtd->bnhgt", q, keys) * scale
     mask = jnp.stack(key_valid, axis=-1)[:, :, None, None, :] & valid[:, :, None, None, None]
     weights = common.masked_softmax(scores, mask)
-    return sum(weights[..., t, None] * values[t][:, :, :, None, :] for t in range(len(values)))
+    return jnp.einsum("bnhgt,bnhtd->bnhgd", weights, values)
 
 
 def _select_chunk(mean_query: jax.Array, compressed: jax.Array, block_valid: jax.Array,

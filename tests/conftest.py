@@ -1,0 +1,57 @@
+"""Shared fixtures: random BlossomRec attention inputs and paths to the shared data."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from blossom_jax.ops.common import compress_param_shapes
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get("BLOSSOM_SHARED", REPO_ROOT.parent / "shared"))
+
+
+def shared_path(relative: str) -> pathlib.Path:
+    """Path under ../shared, or skip the test when that file is absent."""
+    path = SHARED / relative
+    if not path.exists():
+        pytest.skip(f"shared file {path} not present")
+    return path
+
+
+def random_lengths(rng: np.random.Generator, batch: int, seq_len: int) -> np.ndarray:
+    """Right-padding lengths: row 0 full, row 1 a single item (when batch > 1), the rest random."""
+    lengths = rng.integers(1, seq_len + 1, size=batch)
+    lengths[0] = seq_len
+    if batch > 1:
+        lengths[1] = 1
+    return lengths
+
+
+def random_attention_inputs(config, batch: int, seq_len: int, *, seed: int = 0, dtype=jnp.float32,
+                            padded: bool = True, poison_padding: bool = False):
+    """(q, k, v, gates, compress_params, valid) with shapes of ``blossom_attention``."""
+    rng = np.random.default_rng(seed)
+    heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+
+    def normal(*shape, scale=1.0):
+        return rng.normal(size=shape).astype(np.float32) * scale
+
+    q = normal(batch, seq_len, heads, head_dim)
+    k = normal(batch, seq_len, kv_heads, head_dim)
+    v = normal(batch, seq_len, kv_heads, head_dim)
+    gates = jax.nn.sigmoid(normal(batch, seq_len, heads, 2))
+    params = {name: jnp.asarray(normal(*shape, scale=0.2)) for name, shape in
+              compress_param_shapes(config).items()}
+    lengths = random_lengths(rng, batch, seq_len) if padded else np.full(batch, seq_len)
+    valid = np.arange(seq_len)[None, :] < lengths[:, None]
+    if poison_padding:
+        for x in (q, k, v):
+            x[~valid] = np.nan
+    cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
+    return cast(q), cast(k), cast(v), cast(gates), params, jnp.asarray(valid)
