@@ -1,0 +1,203 @@
+"""Flax modules, RoPE, reference-release conformance and weight import/export."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from blossom_jax import AttentionConfig, ModelConfig, apply_rope
+from blossom_jax.interop import load_reference_state_dict, to_reference_state_dict
+from blossom_jax.models import SequentialRecommender, place_mask_token
+from conftest import shared_path
+
+SMALL = dict(num_items=40, max_len=37, hidden_size=32, inner_size=64, num_layers=2,
+             attn=AttentionConfig(num_heads=2, num_kv_heads=1, head_dim=16), attention_impl="xla")
+
+
+def _batch(rng, config, batch=4):
+    seq_len = config.max_len
+    lengths = rng.integers(1, seq_len + 1, size=batch)
+    lengths[0] = seq_len
+    lengths[1] = 1
+    items = rng.integers(1, config.num_items + 1, size=(batch, seq_len))
+    items = np.where(np.arange(seq_len)[None] < lengths[:, None], items, 0)
+    return jnp.asarray(items, jnp.int32), jnp.asarray(lengths, jnp.int32)
+
+
+def _init(config, seed=0):
+    model = SequentialRecommender(config)
+    seq, lengths = _batch(np.random.default_rng(seed), config)
+    return model, model.init(jax.random.key(seed), seq, lengths), seq, lengths
+
+
+def test_rope_matches_formula():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 9, 3, 8)).astype(np.float32)
+    out = np.asarray(apply_rope(jnp.asarray(x)))
+    freqs = 10000.0 ** (-np.arange(0, 8, 2) / 8)
+    angle = np.arange(9)[:, None] * freqs[None]
+    cos, sin = np.cos(angle)[None, :, None], np.sin(angle)[None, :, None]
+    np.testing.assert_allclose(out[..., 0::2], x[..., 0::2] * cos - x[..., 1::2] * sin, atol=1e-5)
+    np.testing.assert_allclose(out[..., 1::2], x[..., 1::2] * cos + x[..., 0::2] * sin, atol=1e-5)
+
+
+def test_conformance_with_reference_release():
+    data = np.load(shared_path("conformance/reference_full_len64.npz"))
+    state = {name[len("param/"):]: data[name] for name in data.files if name.startswith("param/")}
+    seq = jnp.asarray(data["item_seq"], jnp.int32)
+    lengths = jnp.asarray(data["item_seq_len"], jnp.int32)
+    for impl in ("reference", "xla"):
+        model, variables = load_reference_state_dict(state, max_len=int(data["max_len"]), attention_impl=impl)
+        assert model.config.num_items + 1 == int(data["n_items"])
+        np.testing.assert_allclose(model.apply(variables, seq, lengths), data["seq_output"], atol=1e-4)
+        np.testing.assert_allclose(model.apply(variables, seq, lengths, method="encode"), data["hidden"],
+                                   atol=1e-4)
+        np.testing.assert_allclose(model.apply(variables, seq, lengths, method="score"), data["scores"],
+                                   atol=1e-4)
+
+
+def test_interop_round_trip_and_errors():
+    config = ModelConfig(**SMALL)
+    model, variables, seq, lengths = _init(config)
+    state = to_reference_state_dict(variables["params"], config)
+    state["trm_encoder.layer.0.blossom_attention.sparse_attention.v_compress.1.weight"] = np.zeros((3, 3))
+    loaded, loaded_vars = load_reference_state_dict(state, max_len=config.max_len,
+                                                    attention_impl="xla", attn={"compress_stride": 16})
+    assert loaded.config.attn == config.attn
+    np.testing.assert_array_equal(loaded.apply(loaded_vars, seq, lengths), model.apply(variables, seq, lengths))
+    missing = dict(state)
+    del missing["trm_encoder.layer.1.feed_forward.dense_2.bias"]
+    with pytest.raises(KeyError, match="dense_2.bias"):
+        load_reference_state_dict(missing, max_len=config.max_len)
+    wrong = dict(state)
+    wrong["trm_encoder.layer.0.feed_forward.dense_2.bias"] = np.zeros(5, np.float32)
+    with pytest.raises(ValueError, match="dense_2.bias"):
+        load_reference_state_dict(wrong, max_len=config.max_len)
+
+
+def test_initialisation_follows_spec():
+    config = ModelConfig(**{**SMALL, "num_items": 3000, "hidden_size": 128,
+                            "attn": AttentionConfig()})
+    _, variables, _, _ = _init(config)
+    params = variables["params"]
+    attn = params["layer_0"]["blossom_attention"]
+    assert np.all(np.asarray(attn["k_intrablock_positions"]) == 0)
+    assert np.all(np.asarray(attn["to_strategy_combine"]["bias"]) == 0)
+    assert "bias" not in attn["to_qkv"] and "bias" not in attn["combine_heads"]
+    assert np.all(np.asarray(params["layer_0"]["ffn_norm"]["scale"]) == 1)
+    embedding = np.asarray(params["item_embedding"]["embedding"])
+    assert embedding.shape == (3001, 128)
+    assert abs(embedding.std() - 0.02) < 0.002 and abs(embedding[0]).sum() > 0  # padding row too
+
+
+@pytest.mark.parametrize("attention", ["blossom", "dense"])
+def test_causal_prefix_property_and_call(attention):
+    config = ModelConfig(**{**SMALL, "attention": attention})
+    model, variables, seq, lengths = _init(config)
+    hidden = model.apply(variables, seq, lengths, method="encode")
+    users = model.apply(variables, seq, lengths)
+    np.testing.assert_allclose(users, hidden[jnp.arange(4), lengths - 1], atol=1e-6)
+    # Changing the items after position t leaves positions <= t unchanged (causality).
+    t = 20
+    changed = seq.at[0, t + 1:].set((seq[0, t + 1:] % config.num_items) + 1)
+    hidden_changed = model.apply(variables, changed, lengths, method="encode")
+    np.testing.assert_allclose(hidden_changed[0, : t + 1], hidden[0, : t + 1], atol=1e-5)
+    assert not np.allclose(hidden_changed[0, t + 1:], hidden[0, t + 1:])
+    logits = model.apply(variables, seq, lengths, method="score")
+    assert logits.shape == (4, config.num_items + 1)
+    np.testing.assert_allclose(logits, model.apply(variables, users, method="item_logits"), atol=1e-5)
+
+
+def test_dropout_changes_training_outputs_only():
+    config = ModelConfig(**SMALL)
+    model, variables, seq, lengths = _init(config)
+    a = model.apply(variables, seq, lengths, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    b = model.apply(variables, seq, lengths, deterministic=False, rngs={"dropout": jax.random.key(2)})
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(model.apply(variables, seq, lengths), model.apply(variables, seq, lengths))
+
+
+@pytest.mark.parametrize("attention", ["blossom", "dense"])
+def test_bidirectional_model(attention):
+    config = ModelConfig(**{**SMALL, "attention": attention, "causal": False})
+    assert config.attn.causal is False and config.mask_token_id == 41
+    model, variables, seq, lengths = _init(config)
+    assert variables["params"]["item_embedding"]["embedding"].shape[0] == 42
+    users = model.apply(variables, seq, lengths)
+    masked, position = place_mask_token(seq, lengths, config.mask_token_id)
+    hidden = model.apply(variables, masked, lengths, method="encode")
+    np.testing.assert_allclose(users, hidden[jnp.arange(4), position], atol=1e-6)
+    # A full row drops its oldest item; a short row gets the mask right after its last item.
+    assert int(position[0]) == config.max_len - 1 and int(masked[0, -1]) == 41
+    assert int(masked[0, 0]) == int(seq[0, 1])
+    assert int(position[1]) == 1 and int(masked[1, 1]) == 41 and int(masked[1, 0]) == int(seq[1, 0])
+    # Bidirectional: a later item changes earlier hidden states.
+    changed = seq.at[0, -3].set(seq[0, -3] % config.num_items + 1)
+    assert not np.allclose(model.apply(variables, changed, lengths, method="encode")[0, 0], hidden[0, 0])
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    config = ModelConfig(**{**SMALL, "compute_dtype": "bfloat16"})
+    model, variables, seq, lengths = _init(config)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
+    logits = model.apply(variables, seq, lengths, method="score")
+    reference = ModelConfig(**SMALL)
+    logits_f32 = SequentialRecommender(reference).apply(variables, seq, lengths, method="score")
+    assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
+    np.testing.assert_allclose(logits, logits_f32, atol=5e-2)
+
+
+def test_model_gradients_are_finite_and_reach_attention():
+    config = ModelConfig(**SMALL)
+    model, variables, seq, lengths = _init(config)
+
+    def loss(params):
+        logits = model.apply({"params": params}, seq, lengths, method="score")
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[:, 1])
+
+    grads = jax.grad(loss)(variables["params"])
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    attn = grads["layer_0"]["blossom_attention"]
+    assert float(jnp.abs(attn["to_qkv"]["kernel"]).sum()) > 0
+    assert float(jnp.abs(attn["to_strategy_combine"]["kernel"]).sum()) > 0
+    assert float(jnp.abs(attn["k_compress_1_kernel"]).sum()) == 0  # no gradient through selection
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match="divisible by num_kv_heads"):
+        AttentionConfig(num_heads=8, num_kv_heads=3)
+    with pytest.raises(ValueError, match="even"):
+        AttentionConfig(head_dim=15)
+    with pytest.raises(ValueError, match="multiple of compress_stride"):
+        AttentionConfig(selection_block=24)
+    with pytest.raises(ValueError, match="attention must be"):
+        ModelConfig(num_items=5, attention="linear")
+    with pytest.raises(ValueError, match="hidden_size"):
+        ModelConfig(num_items=5, hidden_size=100)
+    with pytest.raises(ValueError, match="num_items"):
+        ModelConfig(num_items=0)
+
+
+def test_attention_input_validation():
+    from blossom_jax import blossom_attention
+    from conftest import random_attention_inputs
+
+    config = AttentionConfig()
+    q, k, v, gates, params, valid = random_attention_inputs(config, 1, 20)
+    with pytest.raises(ValueError, match="k must have shape"):
+        blossom_attention(q, k[:, :, :1], v, gates, params, config=config)
+    with pytest.raises(ValueError, match="gates"):
+        blossom_attention(q, k, v, gates[..., :1], params, config=config)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        blossom_attention(q.astype(jnp.float16), k, v, gates, params, config=config)
+    with pytest.raises(ValueError, match="impl"):
+        blossom_attention(q, k, v, gates, params, config=config, impl="cuda")
+    with pytest.raises(ValueError, match="missing"):
+        blossom_attention(q, k, v, gates, {"w1": params["w1"]}, config=config)
+    with pytest.raises(ValueError, match="valid"):
+        blossom_attention(q, k, v, gates, params, valid=valid.astype(jnp.int32), config=config)
+    long = random_attention_inputs(config, 1, 4097, padded=False)
+    with pytest.raises(ValueError, match="N <= 4096"):
+        blossom_attention(*long[:5], config=config, impl="reference")
