@@ -1,27 +1,105 @@
-"""Dispatch of ``impl="pallas"`` to the backend's kernels in ``pallas_kernels``."""
+"""``impl="pallas"``: BlossomRec attention on the Pallas kernels of ``pallas_kernels``.
+
+One kernel API, one module per backend: ``pallas_kernels.{stis,ltis}_gpu`` (Pallas Triton lowering) and
+``pallas_kernels.{stis,ltis}_tpu`` (Mosaic TPU). Per call:
+  1. XLA: key compression MLP (dense matmuls) and the GQA mean query (SPEC 3.1-3.3);
+  2. kernel: fused compressed scoring + running top-n selection (no gradient, as the reference);
+  3. kernel: LTIS attention over the kept blocks + own block (custom_vjp, flash-style backward);
+  4. kernel: STIS power-pattern attention (custom_vjp; its backward is a gather by inverse offsets);
+  5. XLA: the gate mix.
+With ``straight_through=True`` the LTIS part runs on the xla path (it needs the selection probabilities'
+gradient, which the kernels do not produce); STIS still uses its kernel.
+"""
 
 from __future__ import annotations
 
-from typing import Mapping
+import functools
+import types
+from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 
 from blossom_jax.config import AttentionConfig
+from blossom_jax.ops import common
+from blossom_jax.ops import xla as xla_ops
+
+#: Shortest sequence length at which ``impl="auto"`` takes the GPU kernels (measured on an H100, see
+#: benchmarks/results/): below it the xla path is as fast or faster.
+GPU_AUTO_MIN_LEN = 256
+
+
+@functools.cache
+def _kernels(backend: str) -> types.SimpleNamespace:
+    if backend == "gpu":
+        from pallas_kernels import ltis_gpu, stis_gpu
+
+        return types.SimpleNamespace(select=ltis_gpu.select_blocks_gpu, ltis=ltis_gpu.ltis_attention_gpu,
+                                     stis=stis_gpu.stis_attention_gpu)
+    if backend == "tpu":
+        from pallas_kernels import ltis_tpu, stis_tpu
+
+        return types.SimpleNamespace(select=ltis_tpu.select_blocks_tpu, ltis=ltis_tpu.ltis_attention_tpu,
+                                     stis=stis_tpu.stis_attention_tpu)
+    raise ValueError(f'impl="pallas" has kernels for "gpu" and "tpu", not for backend {backend!r}; '
+                     'use impl="xla" (or "auto")')
 
 
 def available(backend: str) -> bool:
-    """Whether Pallas kernels exist for this backend ("gpu", "tpu"; never "cpu")."""
-    return False
+    """Whether Pallas kernels exist and import for this backend."""
+    try:
+        _kernels(backend)
+    except (ValueError, ImportError):
+        return False
+    return True
 
 
 def auto_prefers_pallas(backend: str, seq_len: int, config: AttentionConfig) -> bool:
-    """Whether ``impl="auto"`` should take the kernels at this length (measured crossover)."""
-    return False
+    """What ``impl="auto"`` picks: the GPU kernels from GPU_AUTO_MIN_LEN on; on TPU the xla path, since
+    the TPU kernels are verified (interpret mode, AOT compile) but not yet measured on hardware."""
+    return backend == "gpu" and seq_len >= GPU_AUTO_MIN_LEN
 
 
 def blossom_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, gates: jax.Array,
                              compress_params: Mapping[str, jax.Array], valid: jax.Array,
-                             config: AttentionConfig) -> jax.Array:
-    """Kernel-backed BlossomRec attention. Shapes as ``blossom_jax.blossom_attention``."""
-    raise NotImplementedError(
-        f'impl="pallas" has no kernels for backend {jax.default_backend()!r} yet; use impl="xla" or "auto"')
+                             config: AttentionConfig, *, backend: str | None = None,
+                             interpret: Any = False) -> jax.Array:
+    """Kernel-backed BlossomRec attention. Shapes as ``blossom_jax.blossom_attention``.
+
+    Args:
+      backend: "gpu" | "tpu"; default the running backend.
+      interpret: run the kernels in the Pallas interpreter (``True``, or ``pltpu.InterpretParams`` for
+        TPU) so that they execute on the CPU; for tests.
+    """
+    backend = backend or jax.default_backend()
+    kernels = _kernels(backend)
+    batch, seq_len, num_heads, head_dim = q.shape
+    kv_heads, group = config.num_kv_heads, config.group_size
+    if config.causal:
+        q, k, v = (jnp.where(valid[:, :, None, None], x, 0) for x in (q, k, v))
+    compressed = common.compress_keys(k, compress_params, config)
+    n_blocks = compressed.shape[2]
+    if config.straight_through and n_blocks > 0:
+        qf = q.astype(jnp.float32).reshape(batch, seq_len, kv_heads, group, head_dim)
+        o_ltis = xla_ops.ltis_attention(qf, k.astype(jnp.float32), v.astype(jnp.float32), valid, compressed,
+                                        config).reshape(batch, seq_len, num_heads, head_dim)
+    else:
+        if n_blocks > 0:
+            mean_query = q.astype(jnp.float32).reshape(batch, seq_len, kv_heads, group, head_dim).mean(3)
+            selected, kept = kernels.select(
+                jax.lax.stop_gradient(mean_query), jax.lax.stop_gradient(compressed),
+                common.block_validity(valid, config), causal=config.causal,
+                num_selected=config.num_selected, block_size=config.selection_block,
+                keep_threshold=config.keep_threshold, scale=1.0 / head_dim ** 0.5, interpret=interpret)
+        else:  # N < s: no compressed block, only the own block (causal) or nothing (bidirectional)
+            selected = jnp.zeros((batch, seq_len, kv_heads, 1), jnp.int32)
+            kept = jnp.zeros((batch, seq_len, kv_heads, 1), jnp.bool_)
+        o_ltis = kernels.ltis(q, k, v, valid, selected, kept, causal=config.causal,
+                              block_size=config.selection_block,
+                              mask_padded_block_keys=config.mask_padded_block_keys, interpret=interpret)
+    o_stis = kernels.stis(q, k, v, valid, causal=config.causal, window=config.window, sink=config.sink,
+                          interpret=interpret)
+    gates = gates.astype(jnp.float32)
+    out = gates[..., 0:1] * o_ltis.astype(jnp.float32) + gates[..., 1:2] * o_stis.astype(jnp.float32)
+    out = jnp.where(valid[:, :, None, None], out, 0.0)
+    return out.astype(q.dtype)

@@ -1,0 +1,212 @@
+"""Attention-layer benchmark: BlossomRec (xla, pallas) vs a dense cuDNN layer of the same shape.
+
+Layer = projections + RoPE + attention + gate + output projection, bf16, D = 128, H = 8, Hk = 2, d = 16,
+TOKENS tokens per batch (B = TOKENS / N). Before any timing, every implementation is checked against the
+dense-mask reference (or the xla path where the reference is too large) on fresh random inputs, outputs and
+gradients. Timings: medians of --iters calls after --warmup calls, each call on a fresh input from a small
+rotating pool, synchronised with block_until_ready. Peak memory: XLA's compiled memory analysis
+(arguments + outputs + temporaries) of the jitted function.
+
+Usage (GPU):  python benchmarks/attention.py --out $OUT/attention.json
+CPU smoke run: python benchmarks/attention.py --lengths 64 --tokens 1024 --impls xla --iters 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blossom_jax import AttentionConfig, blossom_attention
+from blossom_jax.models import BlossomAttention
+
+D, H, HK, HEAD_DIM = 128, 8, 2, 16
+
+
+class DenseLayer:
+    """The dense bar: same projections and GQA shape, cuDNN flash attention (causal)."""
+
+    def __init__(self, implementation: str | None):
+        self.implementation = implementation
+
+    def init(self, key):
+        k1, k2 = jax.random.split(key)
+        return {"qkv": jax.random.normal(k1, (D, H * HEAD_DIM + 2 * HK * HEAD_DIM), jnp.float32) * 0.02,
+                "out": jax.random.normal(k2, (H * HEAD_DIM, D), jnp.float32) * 0.02}
+
+    def apply(self, params, x, valid):
+        batch, seq_len, _ = x.shape
+        qkv = x @ params["qkv"].astype(x.dtype)
+        q, k, v = jnp.split(qkv, [H * HEAD_DIM, (H + HK) * HEAD_DIM], axis=-1)
+        q = q.reshape(batch, seq_len, H, HEAD_DIM)
+        k = k.reshape(batch, seq_len, HK, HEAD_DIM)
+        v = v.reshape(batch, seq_len, HK, HEAD_DIM)
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
+        return out.reshape(batch, seq_len, H * HEAD_DIM) @ params["out"].astype(x.dtype)
+
+
+class BlossomLayer:
+    def __init__(self, impl: str):
+        self.module = BlossomAttention(AttentionConfig(num_heads=H, num_kv_heads=HK, head_dim=HEAD_DIM),
+                                       impl=impl, dtype=jnp.bfloat16)
+
+    def init(self, key):
+        x = jnp.zeros((1, 32, D), jnp.bfloat16)
+        params = self.module.init(key, x, jnp.ones((1, 32), jnp.bool_))["params"]
+        # Random (not zero) intra-block positions so the selection is not degenerate.
+        params["k_intrablock_positions"] = jax.random.normal(key, params["k_intrablock_positions"].shape) * 0.5
+        return params
+
+    def apply(self, params, x, valid):
+        return self.module.apply({"params": params}, x, valid)
+
+
+def make_layer(name: str):
+    if name == "dense-cudnn":
+        return DenseLayer("cudnn")
+    if name == "dense-xla":
+        return DenseLayer("xla")
+    return BlossomLayer(name.removeprefix("blossom-"))
+
+
+def fwd_and_grad(layer):
+    def forward(params, x, valid):
+        return layer.apply(params, x, valid)
+
+    def loss(params, x, valid, cotangent):
+        return jnp.sum(forward(params, x, valid).astype(jnp.float32) * cotangent)
+
+    return jax.jit(forward), jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def _inputs(key, batch, seq_len, padded: bool):
+    kx, kc, kl = jax.random.split(key, 3)
+    x = jax.random.normal(kx, (batch, seq_len, D), jnp.float32).astype(jnp.bfloat16)
+    cot = jax.random.normal(kc, (batch, seq_len, D), jnp.float32)
+    if padded:
+        lengths = jax.random.randint(kl, (batch,), 1, seq_len + 1).at[0].set(seq_len)
+    else:
+        lengths = jnp.full((batch,), seq_len)
+    valid = jnp.arange(seq_len)[None, :] < lengths[:, None]
+    return x, valid, cot
+
+
+def rel_err(a, b):
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def check(impls, seq_lens, seed):
+    """Each blossom impl against the reference (N <= 1024) or xla, outputs and gradients, fresh inputs."""
+    rows = []
+    for seq_len in seq_lens:
+        batch = max(1, 2048 // seq_len)
+        oracle_name = "blossom-reference" if seq_len <= 1024 else "blossom-xla"
+        oracle = make_layer(oracle_name)
+        params = oracle.init(jax.random.key(seed))
+        x, valid, cot = _inputs(jax.random.key(seed + seq_len), batch, seq_len, padded=True)
+        f_ref, g_ref = fwd_and_grad(oracle)
+        want_out, want_grads = f_ref(params, x, valid), g_ref(params, x, valid, cot)
+        for name in impls:
+            if not name.startswith("blossom-") or name == oracle_name:
+                continue
+            f, g = fwd_and_grad(make_layer(name))
+            out, grads = f(params, x, valid), g(params, x, valid, cot)
+            finite = bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+            grad_errs = [rel_err(a, b) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads))]
+            row = dict(impl=name, oracle=oracle_name, N=seq_len, B=batch, finite=finite,
+                       out_rel_err=rel_err(out.astype(jnp.float32) * valid[..., None],
+                                           want_out.astype(jnp.float32) * valid[..., None]),
+                       max_grad_rel_err=max(grad_errs))
+            row["ok"] = finite and row["out_rel_err"] < 2e-2 and row["max_grad_rel_err"] < 5e-2
+            rows.append(row)
+            print("check", json.dumps(row), flush=True)
+    return rows
+
+
+def time_fn(fn, arg_sets, warmup, iters):
+    for i in range(warmup):
+        jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
+    samples = []
+    for i in range(iters):
+        args = arg_sets[i % len(arg_sets)]
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples), min(samples)
+
+
+def peak_bytes(jitted, *args):
+    analysis = jitted.lower(*args).compile().memory_analysis()
+    if analysis is None:
+        return None
+    return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes)
+
+
+def bench(impls, seq_lens, tokens, warmup, iters, seed):
+    rows = []
+    for seq_len in seq_lens:
+        batch = max(1, tokens // seq_len)
+        pool = [_inputs(jax.random.key(seed + 100 * i + seq_len), batch, seq_len, padded=False)
+                for i in range(3)]
+        for name in impls:
+            layer = make_layer(name)
+            params = layer.init(jax.random.key(seed))
+            f, g = fwd_and_grad(layer)
+            row = dict(impl=name, N=seq_len, B=batch, tokens=batch * seq_len)
+            try:
+                row["fwd_ms"], row["fwd_min_ms"] = time_fn(f, [(params, x, v) for x, v, _ in pool], warmup, iters)
+                row["fwdbwd_ms"], row["fwdbwd_min_ms"] = time_fn(
+                    g, [(params, x, v, c) for x, v, c in pool], warmup, iters)
+                row["fwd_peak_mb"] = (peak_bytes(f, params, *pool[0][:2]) or 0) / 2**20
+                row["fwdbwd_peak_mb"] = (peak_bytes(g, params, *pool[0]) or 0) / 2**20
+            except Exception as error:  # noqa: BLE001 - record OOMs / unsupported configs and go on
+                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+            rows.append(row)
+            print("time", json.dumps(row), flush=True)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096, 16384, 32768, 65536])
+    parser.add_argument("--tokens", type=int, default=65536, help="tokens per batch (B = tokens / N)")
+    parser.add_argument("--impls", nargs="+",
+                        default=["dense-cudnn", "blossom-xla", "blossom-pallas"],
+                        help="dense-cudnn | dense-xla | blossom-xla | blossom-pallas | blossom-reference")
+    parser.add_argument("--check-lengths", type=int, nargs="*", default=[1, 15, 17, 200, 1024, 4096])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="JSON results file")
+    args = parser.parse_args(argv)
+    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(), jax=jax.__version__,
+                jaxlib=__import__("jaxlib").__version__, device=str(jax.devices()[0].device_kind),
+                backend=jax.default_backend(), python=platform.python_version(), argv=sys.argv[1:])
+    print("meta", json.dumps(meta), flush=True)
+    checks = check(args.impls, args.check_lengths, args.seed)
+    if not all(row["ok"] for row in checks):
+        print("CORRECTNESS CHECK FAILED: timings below are for information only", flush=True)
+    timings = bench(args.impls, args.lengths, args.tokens, args.warmup, args.iters, args.seed)
+    result = dict(meta=meta, checks=checks, timings=timings)
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(result, handle, indent=1)
+    print(f"\n{'impl':<18}{'N':>7}{'B':>6}{'fwd ms':>9}{'f+b ms':>9}{'peak MB':>9}")
+    for row in timings:
+        print(f"{row['impl']:<18}{row['N']:>7}{row['B']:>6}{row.get('fwd_ms', float('nan')):>9.3f}"
+              f"{row.get('fwdbwd_ms', float('nan')):>9.3f}{row.get('fwdbwd_peak_mb', float('nan')):>9.0f}"
+              f"  {row.get('error', '')[:60]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""GPU benchmark of the LTIS Pallas kernels (pallas_kernels/ltis_gpu.py): correctness, then timings.
+
+1. Correctness on fresh random inputs against the pure-jnp references (pallas_kernels/ltis_reference.py):
+   small shapes (float32 and bfloat16, causal and bidirectional, right padding) and every benchmark shape
+   (bfloat16). Selection is compared as kept *sets* per (batch, query, kv head) (the order of the slots is
+   free); the attention is compared on the kernel's own selection, outputs and gradients w.r.t. q, k, v.
+2. Timings at B * N = 65,536 tokens, N in {256, 1024, 4096, 16384, 32768, 65536}, H = 8, Hk = 2, d = 16,
+   bfloat16: selection (kernel only, q_mean precomputed), attention forward, attention forward + backward
+   (gradients w.r.t. q, k, v), and select + forward + backward. Medians of --iters timed calls after
+   --warmup calls, each call ended by ``block_until_ready``.
+
+Usage (on a GPU machine):  python benchmarks/kernels_ltis.py [--check-only] [--iters 20] [--warmup 5]
+Writes JSON to $OUT/kernels_ltis.json when $OUT is set (and prints it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels import ltis_gpu, ltis_reference  # noqa: E402
+
+TOKENS = 65536
+LENGTHS = (256, 1024, 4096, 16384, 32768, 65536)
+H, HK, D, BLOCK, N_SEL = 8, 2, 16, 16, 4
+INTERPRET = False  # --interpret: Pallas interpreter (CPU smoke test of this script, tiny --lengths only)
+
+
+def make_inputs(key, bsz, n, h, hk, d, dtype, lens=None):
+    kq, kk, kv, kc, kt = jax.random.split(key, 5)
+    q = jax.random.normal(kq, (bsz, n, h, d), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (bsz, n, hk, d), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (bsz, n, hk, d), jnp.float32).astype(dtype)
+    nc = n // BLOCK
+    # compressed keys scaled so that some selected blocks fall under the keep threshold
+    ck = (jax.random.normal(kc, (bsz, hk, nc, d), jnp.float32) * 4.0).astype(dtype)
+    ct = jax.random.normal(kt, (bsz, n, h, d), jnp.float32).astype(dtype)
+    if lens is None:
+        lens = jnp.full((bsz,), n, jnp.int32)
+    valid = jnp.arange(n)[None, :] < jnp.asarray(lens)[:, None]
+    bv = valid[:, : nc * BLOCK].reshape(bsz, nc, BLOCK).any(-1) if nc else jnp.zeros((bsz, 0), bool)
+    qm = q.astype(jnp.float32).reshape(bsz, n, hk, h // hk, d).mean(3)
+    return dict(q=q, k=k, v=v, ck=ck, ct=ct, valid=valid, bv=bv, qm=qm)
+
+
+def build_fns(causal, mask_padded=False):
+    scale = 1.0 / math.sqrt(D)
+
+    @jax.jit
+    def select(qm, ck, bv):
+        return ltis_gpu.select_blocks_gpu(qm, ck, bv, causal=causal, num_selected=N_SEL, block_size=BLOCK,
+                                          scale=scale, interpret=INTERPRET)
+
+    @jax.jit
+    def select_ref(qm, ck, bv):
+        return ltis_reference.select_blocks_reference(qm, ck, bv, causal=causal, num_selected=N_SEL,
+                                                      block_size=BLOCK, scale=scale)
+
+    def _attn(fn):
+        def f(q, k, v, valid, sel, kept):
+            return fn(q, k, v, valid, sel, kept, causal=causal, block_size=BLOCK,
+                      mask_padded_block_keys=mask_padded)
+        return f
+
+    attn = _attn(lambda *a, **kw: ltis_gpu.ltis_attention_gpu(*a, interpret=INTERPRET, **kw))
+    attn_ref = _attn(ltis_reference.ltis_attention_reference)
+
+    def _fwd_bwd(f):
+        @jax.jit
+        def g(q, k, v, valid, sel, kept, ct):
+            o, vjp = jax.vjp(lambda a, b, c: f(a, b, c, valid, sel, kept), q, k, v)
+            return (o, *vjp(ct.astype(o.dtype)))
+        return g
+
+    @jax.jit
+    def full(qm, ck, bv, q, k, v, valid, ct):
+        sel, kept = select(qm, ck, bv)
+        o, vjp = jax.vjp(lambda a, b, c: attn(a, b, c, valid, sel, kept), q, k, v)
+        return (o, *vjp(ct.astype(o.dtype)))
+
+    return dict(select=select, select_ref=select_ref, fwd=jax.jit(attn), fwd_bwd=_fwd_bwd(attn),
+                fwd_bwd_ref=_fwd_bwd(attn_ref), full=full)
+
+
+def kept_set_mismatch(sel, kept, sel_r, kept_r):
+    """Fraction of (b, i, h) whose kept sets differ."""
+    big = jnp.int32(2**30)
+    a = jnp.sort(jnp.where(kept, sel, big), axis=-1)
+    b = jnp.sort(jnp.where(kept_r, sel_r, big), axis=-1)
+    return float(jnp.mean(jnp.any(a != b, axis=-1)))
+
+
+def rel_err(a, b):
+    a = jnp.asarray(a, jnp.float32)
+    b = jnp.asarray(b, jnp.float32)
+    finite = bool(jnp.all(jnp.isfinite(a)))
+    return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(1.0, jnp.max(jnp.abs(b)))), finite
+
+
+def check(name, bsz, n, dtype, causal, mask_padded, lens, seed, tol):
+    x = make_inputs(jax.random.key(seed), bsz, n, H, HK, D, dtype, lens)
+    fns = build_fns(causal, mask_padded)
+    sel, kept = fns["select"](x["qm"], x["ck"], x["bv"])
+    sel_r, kept_r = fns["select_ref"](x["qm"], x["ck"], x["bv"])
+    valid = x["valid"]
+    mism = kept_set_mismatch(sel, kept, sel_r, kept_r)
+    args = (x["q"], x["k"], x["v"], valid, sel, kept, x["ct"])
+    out = fns["fwd_bwd"](*args)
+    ref = fns["fwd_bwd_ref"](*args)
+    errs = {}
+    ok = mism <= 1e-4
+    for nm, a, r in zip(("o", "dq", "dk", "dv"), out, ref):
+        e, finite = rel_err(a, r)
+        errs[nm] = e
+        ok = ok and finite and e <= tol
+    pad_zero = bool(jnp.all(jnp.where(valid[:, :, None, None], 0.0, out[0].astype(jnp.float32)) == 0))
+    ok = ok and pad_zero
+    rec = dict(name=name, B=bsz, N=n, dtype=jnp.dtype(dtype).name, causal=causal, mask_padded=mask_padded,
+               kept_set_mismatch=mism, kept_fraction=float(jnp.mean(kept)), rel_err=errs,
+               padded_output_zero=pad_zero, ok=bool(ok))
+    print(json.dumps(rec), flush=True)
+    return rec
+
+
+def timeit(fn, args, warmup, iters):
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts), min(ts)
+
+
+def main():
+    global INTERPRET, TOKENS
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check-only", action="store_true", help="correctness only, no timings")
+    ap.add_argument("--skip-check", action="store_true", help="timings only")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--lengths", type=str, default=",".join(map(str, LENGTHS)))
+    ap.add_argument("--bidirectional", action="store_true", help="time causal=False instead")
+    ap.add_argument("--reference-timings", action="store_true",
+                    help="also time the plain-XLA reference fwd+bwd (slow: gather transposes)")
+    ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke test)")
+    ap.add_argument("--tokens", type=int, default=65536)
+    args = ap.parse_args()
+    INTERPRET = args.interpret
+    TOKENS = args.tokens
+    lengths = [int(s) for s in args.lengths.split(",") if s]
+    causal = not args.bidirectional
+
+    result = dict(
+        device=str(jax.devices()[0]), device_kind=jax.devices()[0].device_kind, jax=jax.__version__,
+        shape=dict(tokens=TOKENS, H=H, Hk=HK, d=D, block=BLOCK, n_sel=N_SEL, dtype="bfloat16", causal=causal),
+        tiles=dict(SEL_BLOCK_Q=ltis_gpu.SEL_BLOCK_Q, SEL_BLOCK_K=ltis_gpu.SEL_BLOCK_K,
+                   ATTN_ROWS=ltis_gpu.ATTN_ROWS, ATTN_MAX_KEYS=ltis_gpu.ATTN_MAX_KEYS,
+                   DKV_ROWS=ltis_gpu.DKV_ROWS, warps=[ltis_gpu.SEL_NUM_WARPS, ltis_gpu.ATTN_NUM_WARPS,
+                                                      ltis_gpu.DKV_NUM_WARPS], stages=ltis_gpu.NUM_STAGES),
+        checks=[], timings=[],
+    )
+
+    if not args.skip_check:
+        seed = 0
+        small = [] if args.interpret else [
+            (3, 50, jnp.float32, True, False, [50, 37, 1], 2e-5),
+            (3, 50, jnp.float32, False, False, [50, 37, 1], 2e-5),
+            (2, 130, jnp.float32, False, True, [130, 71], 2e-5),
+            (2, 1000, jnp.float32, True, False, [1000, 513], 2e-5),
+            (2, 1000, jnp.bfloat16, True, False, [1000, 513], 3e-2),
+            (2, 1000, jnp.bfloat16, False, False, [1000, 513], 3e-2),
+        ]
+        for bsz, n, dtype, c, mp, lens, tol in small:
+            seed += 1
+            result["checks"].append(check(f"small_N{n}", bsz, n, dtype, c, mp, lens, seed, tol))
+        for n in lengths:
+            seed += 1
+            bsz = TOKENS // n
+            lens = [n] * (bsz - 1) + [max(1, n // 3)] if bsz > 1 else [n]
+            result["checks"].append(check(f"bench_N{n}", bsz, n, jnp.bfloat16, causal, False, lens, seed, 3e-2))
+        result["all_checks_ok"] = all(r["ok"] for r in result["checks"])
+
+    if not args.check_only:
+        for n in lengths:
+            bsz = TOKENS // n
+            x = make_inputs(jax.random.key(1000 + n), bsz, n, H, HK, D, jnp.bfloat16)
+            fns = build_fns(causal)
+            sel, kept = jax.block_until_ready(fns["select"](x["qm"], x["ck"], x["bv"]))
+            attn_args = (x["q"], x["k"], x["v"], x["valid"], sel, kept)
+            rec = dict(N=n, B=bsz)
+            for nm, fn, a in (
+                ("select_ms", fns["select"], (x["qm"], x["ck"], x["bv"])),
+                ("fwd_ms", fns["fwd"], attn_args),
+                ("fwd_bwd_ms", fns["fwd_bwd"], attn_args + (x["ct"],)),
+                ("select_fwd_bwd_ms", fns["full"], (x["qm"], x["ck"], x["bv"], x["q"], x["k"], x["v"],
+                                                    x["valid"], x["ct"])),
+            ):
+                med, mn = timeit(fn, a, args.warmup, args.iters)
+                rec[nm] = round(med, 4)
+                rec[nm.replace("_ms", "_min_ms")] = round(mn, 4)
+            if args.reference_timings:
+                med, _ = timeit(fns["fwd_bwd_ref"], attn_args + (x["ct"],), 2, max(3, args.iters // 4))
+                rec["reference_fwd_bwd_ms"] = round(med, 4)
+            print(json.dumps(rec), flush=True)
+            result["timings"].append(rec)
+
+    text = json.dumps(result, indent=1)
+    print(text)
+    out = os.environ.get("OUT")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "kernels_ltis.json"), "w") as f:
+            f.write(text)
+    if not args.skip_check and not result.get("all_checks_ok", True):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,728 @@
+"""LTIS (long-term interest selection, SPEC section 3) as Pallas kernels for GPUs (Triton lowering).
+
+Two entry points, each beside its pure-jnp reference in :mod:`pallas_kernels.ltis_reference`:
+
+* :func:`select_blocks_gpu` - fused compressed scoring + top-n block selection (SPEC 3.3-3.4, 3.8), no
+  gradient. One program per (batch, kv head, tile of ``SEL_BLOCK_Q`` queries) streams the compressed keys in
+  tiles of ``SEL_BLOCK_K`` blocks: a ``[BQ, d] x [d, BK]`` matmul, the visibility mask, a running
+  max / sum for the log-sum-exp of ``[-1000, visible scores]`` and a running top-n list. Nothing of size
+  ``[N, Nc]`` leaves the kernel. In causal mode the tile loop stops at the last block visible to the tile's
+  last query (the triangle is skipped). Pallas-Triton has no sort / top_k, so the running top-n is kept as
+  n per-query (value, index) columns, sorted descending; each tile inserts its candidates with at most n
+  max-and-mask rounds (a ``while`` loop that runs only while some query of the tile still has a score above
+  its current n-th best, so late tiles usually cost one comparison). Ties are broken towards the lower
+  block index (same as ``lax.top_k``). Selection is by score, which orders blocks exactly as p does (p is a
+  monotone function of the score); ``kept = p > keep_threshold`` uses the final log-sum-exp. Slots that
+  hold no visible block (n larger than the number of visible blocks, or n > Nc) get index 0, kept False.
+
+* :func:`ltis_attention_gpu` - fine attention over the kept blocks plus the causal own block (SPEC 3.5, 3.7,
+  3.8), a ``jax.custom_vjp`` with a flash-style backward (the forward saves the log-sum-exp; the backward
+  recomputes probabilities). Three ``pallas_call``\\ s: forward, dQ, dK/dV.
+
+Packing of heads and queries (forward and dQ)
+---------------------------------------------
+A program handles (batch b, kv head h, tile of BQ consecutive queries). The G query heads of kv group h
+share the same selected blocks and the same K/V, so the program packs its rows query-major:
+row ``r = j * G + g`` is query ``q0 + j`` and head ``h * G + g`` (this is exactly the memory order of
+``q[b, q0:q0+BQ, h*G:(h+1)*G, :]``). It then computes ``[BQ*G, d] x [d, keys]`` matmuls:
+
+* own block (causal): the BQ queries lie in one selection block (BQ divides b), so all rows share the same b
+  own-block keys: one ``[BQ*G, d] x [d, b]`` tile with the causal / validity mask.
+* selected slots: the keys of the tile are the gathered blocks ``sel[q0 + j, r]`` of its BQ queries and
+  of a group of slots, laid side by side (key column ``(j * SG + r) * b + t``; ``BQ * SG * b`` keys, at most
+  ``ATTN_MAX_KEYS``; with G = 4, BQ = 4 and n = 4 that is every selected key of the tile in one
+  ``[16, d] x [d, 256]`` tile). Row (j, g) may only see the keys of its own query j, so the score tile is
+  masked block-diagonally.
+
+Why: with d = 16 a single query has only G = 4 rows, below the 16-row minimum of a tensor-core ``dot``, and
+Pallas-Triton only has 2-D dots (no per-query batched matmul). Packing BQ queries gives >= 16 rows and one
+gather of K/V serves all G heads. The block-diagonal mask wastes a factor BQ of the selected-block matmul
+and exponentials, which is why ``ATTN_ROWS`` (rows per program) is small: the FLOPs are tiny anyway
+(<= 80 keys per query), the kernel is bound by gathers and launch/latency.
+
+dK / dV strategy (deterministic, no atomics)
+--------------------------------------------
+The selection is inverted in XLA: the (query, slot) pairs of each (batch, kv head) whose block is kept
+(and whose query is valid) are stably sorted by block index (``lax.sort`` on [B, Hk, N*n] int32 keys,
+O(N n) memory) and ``searchsorted`` gives each key block's segment. The dK/dV kernel has one program per
+(batch, kv head, key block w): it loads K_w, V_w once, walks its segment in chunks of ``DKV_ROWS`` packed
+rows (queries x G heads, gathered), accumulates ``dV += P^T dO`` and ``dK += dS^T Q`` in registers, adds
+the own-block contribution of the b queries of block w (causal), and writes dK_w / dV_w once. Every output
+element is written by exactly one program in a fixed order: the backward is bitwise deterministic.
+Trade-offs: (+) no atomics (Pallas-Triton does expose ``atomic_add``, but float atomics make training
+non-reproducible and the 4 x 16 x 16 scattered adds per query would contend in L2), no [N, Nc] or
+[N, n, b, d] intermediate, dK/dV tiles are dense ``[rows, b]`` matmuls with no block-diagonal waste.
+(-) one XLA sort of N*n int32 pairs per (batch, kv head), and load imbalance: a block selected by many
+queries is walked by one program (in causal mode early blocks are visible to more queries; with uniform
+choices block 0 gets ~ n*b*ln(N/b) pairs vs n*b on average). The alternatives considered: float atomics
+from the dQ kernel (fast, not deterministic) and the dense-by-tile scan (each key block scans all later
+query tiles testing ``selected == w``: O(N^2 / b) work, far too slow beyond a few thousand positions).
+
+Inputs at padded positions never leak: invalid query rows are masked on load (q, dO, delta -> 0) and
+store 0; masked keys are loaded as 0 and masked scores / dS entries are replaced (select, not multiply)
+before they meet a value. One caveat of the packing: a key that *is* in some valid query's key set (a
+padded key inside a kept block, bidirectional mode without ``mask_padded_block_keys``) and holds NaN makes
+that query NaN (as in the reference) and also the other queries of its tile (0 * NaN in the shared
+``P @ V`` product); finite padding, as the model produces, is unaffected.
+
+Tile sizes are module constants (below) and keyword-only overrides are not exposed: tune them here.
+All kernels pass ``plgpu.CompilerParams`` (Triton) explicitly so that jax 0.10.x does not route them to
+Mosaic GPU. Works with jax 0.10.2 and 0.11.x.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+__all__ = ["select_blocks_gpu", "ltis_attention_gpu", "TRITON_CUSTOM_CALL_TARGET"]
+
+# --------------------------------------------------------------------------------------------------------
+# Grids are (tile, batch, kv head): the tile index is the fastest-varying CUDA block index, so programs
+# that run together read neighbouring queries / keys of one sequence.
+# Tile sizes. Every array a Triton kernel touches must have a power-of-two number of elements and every
+# matmul operand dimension must be >= 16; the wrappers round up and mask.
+# --------------------------------------------------------------------------------------------------------
+# Selection: queries per program (rows of the [BQ, d] x [d, BK] scoring matmul) ...
+SEL_BLOCK_Q = 64
+# ... and compressed blocks per streamed tile. The running top-n costs up to n max-and-mask rounds over a
+# [BQ, BK] tile, so tiles much larger than this spend registers without saving rounds.
+SEL_BLOCK_K = 64
+SEL_NUM_WARPS = 4
+# Fine attention (forward and dQ): packed rows (queries x G heads) per program. 16 is the tensor-core
+# minimum; with G = 4 it is 4 queries (4x block-diagonal waste in the selected-key tile). Larger values
+# share the own-block load over more queries but waste more exponentials on the block-diagonal mask.
+ATTN_ROWS = 16
+# Selected slots are processed side by side in groups of at most this many keys (bq * slots * b): with
+# G = 4 all n = 4 slots of the 4 queries form one [16, 256] score tile (one softmax update, one gather).
+ATTN_MAX_KEYS = 256
+ATTN_NUM_WARPS = 4
+# dK/dV: packed rows (pairs x G heads) per chunk of a key block's query list ([rows, d] x [d, b] tiles).
+DKV_ROWS = 64
+DKV_NUM_WARPS = 4
+NUM_STAGES = 2
+
+TRITON_CUSTOM_CALL_TARGET = "__gpu$xla.gpu.triton"
+
+_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+_LOG2E = math.log2(math.e)
+
+
+def _compiler_params(num_warps: int):
+    return _CompilerParams(num_warps=num_warps, num_stages=NUM_STAGES)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def _floor_pow2(x: int) -> int:
+    return 1 << (max(int(x), 1).bit_length() - 1)
+
+
+def _idiv(x, c: int):
+    """Truncating integer division of a non-negative traced int32 by a static int (lowers to one op)."""
+    return lax.div(x, jnp.full_like(x, c))
+
+
+def _irem(x, c: int):
+    return lax.rem(x, jnp.full_like(x, c))
+
+
+def _dot(a, b, trans_a: bool = False, trans_b: bool = False):
+    """2-D matmul with float32 accumulation. float32 operands use exact (IEEE) products: without an explicit
+    precision the GPU default can be TF32 (seen with jax 0.11.2: ~1e-3 relative error, and selections that
+    differ from the float32 reference)."""
+    exact = a.dtype == jnp.float32 and b.dtype == jnp.float32
+    return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b,
+                     precision=lax.Precision.HIGHEST if exact else None)
+
+
+def _padded_head_dim(d: int) -> int:
+    return max(16, _next_pow2(d))
+
+
+def _pad_last(x: jax.Array, size: int) -> jax.Array:
+    if x.shape[-1] == size:
+        return x
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
+
+
+# ========================================================================================================
+# (A) Selection
+# ========================================================================================================
+def _select_kernel(qm_ref, ck_ref, bv_ref, out_ref, *, seq_len, nc, n_sel, n_pad, block_size, causal,
+                   scale, keep_threshold, bq, bk):
+    # qm_ref [N, d] f32; ck_ref [Nc, d]; bv_ref [Nc] int32; out_ref [N, n_pad] int32
+    t = pl.program_id(0)
+    q0 = t * bq
+    rows = q0 + jnp.arange(bq, dtype=jnp.int32)
+    row_in = rows < seq_len
+    qm = plgpu.load(qm_ref.at[pl.ds(q0, bq), :], mask=row_in[:, None], other=0.0).astype(jnp.float32)
+
+    if causal:
+        last_q = jnp.minimum(q0 + bq, seq_len) - 1
+        n_blocks = jnp.minimum(jnp.int32(nc), _idiv(last_q, block_size))
+    else:
+        n_blocks = jnp.int32(nc)
+    n_tiles = _idiv(n_blocks + (bk - 1), bk)
+
+    neg_inf = jnp.float32(-jnp.inf)
+    big = jnp.int32(2**30)
+
+    def tile_body(it, carry):
+        m, l, vals, idxs = carry
+        k0 = it * bk
+        cols = k0 + jnp.arange(bk, dtype=jnp.int32)
+        col_in = cols < nc
+        ck = plgpu.load(ck_ref.at[pl.ds(k0, bk), :], mask=col_in[:, None], other=0.0).astype(jnp.float32)
+        bv = plgpu.load(bv_ref.at[pl.ds(k0, bk)], mask=col_in, other=0)
+        s = _dot(qm, ck, trans_b=True) * scale  # [bq, bk] f32
+        vis = (col_in & (bv != 0))[None, :]
+        if causal:
+            vis = vis & ((cols * block_size + (block_size - 1))[None, :] < rows[:, None])
+        s = jnp.where(vis, s, neg_inf)
+        # running log-sum-exp (m starts at the -1000 sink with l = 1)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(s - m_new[:, None]), axis=1)
+        m = m_new
+
+        # running top-n: insert this tile's candidates (score strictly above the current n-th best; the
+        # running entries have lower block indices, so on equal scores they win).
+        cand = s > vals[n_sel - 1][:, None]
+
+        def more(c):
+            cand_c = c[0]
+            return jnp.max(cand_c.astype(jnp.int32)) > 0
+
+        def insert(c):
+            cand_c, vals_c, idxs_c = c
+            cm = jnp.where(cand_c, s, neg_inf)
+            mx = jnp.max(cm, axis=1)  # [bq]
+            has = jnp.max(cand_c.astype(jnp.int32), axis=1) > 0
+            ci = jnp.min(jnp.where(cand_c & (cm == mx[:, None]), cols[None, :], big), axis=1)
+            new_vals, new_idxs = [], []
+            prev_gt = None
+            for j in range(n_sel):
+                gt = has & (mx > vals_c[j])
+                if j == 0:
+                    nv = jnp.where(gt, mx, vals_c[0])
+                    ni = jnp.where(gt, ci, idxs_c[0])
+                else:
+                    nv = jnp.where(gt, jnp.where(prev_gt, vals_c[j - 1], mx), vals_c[j])
+                    ni = jnp.where(gt, jnp.where(prev_gt, idxs_c[j - 1], ci), idxs_c[j])
+                new_vals.append(nv)
+                new_idxs.append(ni)
+                prev_gt = gt
+            cand_c = cand_c & (cols[None, :] != ci[:, None]) & (s > new_vals[n_sel - 1][:, None])
+            return cand_c, tuple(new_vals), tuple(new_idxs)
+
+        _, vals, idxs = lax.while_loop(more, insert, (cand, vals, idxs))
+        return m, l, vals, idxs
+
+    m0 = jnp.full((bq,), -1000.0, jnp.float32)
+    l0 = jnp.ones((bq,), jnp.float32)
+    vals0 = tuple(jnp.full((bq,), -jnp.inf, jnp.float32) for _ in range(n_sel))
+    idxs0 = tuple(jnp.zeros((bq,), jnp.int32) for _ in range(n_sel))
+    m, l, vals, idxs = lax.fori_loop(0, n_tiles, tile_body, (m0, l0, vals0, idxs0))
+
+    slot = jnp.arange(n_pad, dtype=jnp.int32)[None, :]
+    out = jnp.zeros((bq, n_pad), jnp.int32)
+    for j in range(n_sel):
+        p = jnp.exp(vals[j] - m) / l
+        kept = p > keep_threshold
+        enc = jnp.where(kept, idxs[j], -1 - idxs[j])  # encoded: >= 0 kept, < 0 not kept
+        out = jnp.where(slot == j, enc[:, None], out)
+    plgpu.store(out_ref.at[pl.ds(q0, bq), :], out, mask=row_in[:, None])
+
+
+def select_blocks_gpu(
+    q_mean: jax.Array,
+    compressed_keys: jax.Array,
+    block_valid: jax.Array,
+    *,
+    causal: bool = True,
+    num_selected: int = 4,
+    block_size: int = 16,
+    keep_threshold: float = 1e-10,
+    scale: float,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Fused compressed scoring + top-n selection (SPEC 3.3-3.4, 3.8). No gradient flows (discrete).
+
+    Args:
+      q_mean: [B, N, Hk, d] (mean over the G query heads of each kv group; scored in float32).
+      compressed_keys: [B, Hk, Nc, d], Nc = N // block_size.
+      block_valid: bool [B, Nc]: block has >= 1 valid key.
+      causal: visibility ``w*b + b - 1 < i`` (True) or every valid block (False).
+      num_selected: n. block_size: b. keep_threshold: kept iff p > this. scale: 1/sqrt(head_dim).
+      interpret: run the Pallas interpreter (CPU tests).
+
+    Returns:
+      (selected_blocks int32 [B, N, Hk, n], kept bool [B, N, Hk, n]); unfilled slots: index 0, kept False.
+    """
+    bsz, n, hk, d = q_mean.shape
+    nc = compressed_keys.shape[2]
+    n_sel = int(num_selected)
+    if n_sel < 1:
+        raise ValueError(f"num_selected must be >= 1, got {num_selected}")
+    if compressed_keys.shape != (bsz, hk, nc, d):
+        raise ValueError(f"compressed_keys shape {compressed_keys.shape} != {(bsz, hk, nc, d)}")
+    if nc == 0:
+        z = jnp.zeros((bsz, n, hk, n_sel), jnp.int32)
+        return z, z.astype(bool)
+    q_mean = lax.stop_gradient(q_mean)
+    compressed_keys = lax.stop_gradient(compressed_keys)
+    dp = _padded_head_dim(d)
+    qm = _pad_last(q_mean.astype(jnp.float32), dp)
+    ck = _pad_last(compressed_keys, dp)
+    bv = block_valid.astype(jnp.int32)
+    bq = min(SEL_BLOCK_Q, max(16, _next_pow2(n)))
+    bk = min(SEL_BLOCK_K, max(16, _next_pow2(nc)))
+    n_pad = _next_pow2(n_sel)
+    kernel = functools.partial(
+        _select_kernel, seq_len=n, nc=nc, n_sel=n_sel, n_pad=n_pad, block_size=int(block_size),
+        causal=bool(causal), scale=float(scale), keep_threshold=float(keep_threshold), bq=bq, bk=bk,
+    )
+    enc = pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(n, bq), bsz, hk),
+        in_specs=[
+            pl.BlockSpec((None, n, None, dp), lambda t, b, h: (b, 0, h, 0)),
+            pl.BlockSpec((None, None, nc, dp), lambda t, b, h: (b, h, 0, 0)),
+            pl.BlockSpec((None, nc), lambda t, b, h: (b, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, n, None, n_pad), lambda t, b, h: (b, 0, h, 0)),
+        out_shape=jax.ShapeDtypeStruct((bsz, n, hk, n_pad), jnp.int32),
+        compiler_params=_compiler_params(SEL_NUM_WARPS),
+        interpret=interpret,
+        name="ltis_select",
+    )(qm, ck, bv)
+    enc = enc[..., :n_sel]
+    kept = enc >= 0
+    selected = jnp.where(kept, enc, -1 - enc)
+    return selected, kept
+
+
+# ========================================================================================================
+# (B) Fine attention
+# ========================================================================================================
+def _attn_tiles(g: int, block_size: int) -> tuple[int, int]:
+    """(queries per program BQ, padded packed rows RP) for the forward / dQ kernels."""
+    bq = min(block_size, _floor_pow2(max(1, ATTN_ROWS // g)))
+    return bq, max(16, _next_pow2(bq * g))
+
+
+def _dkv_tiles(g: int) -> tuple[int, int]:
+    cq = _floor_pow2(max(1, DKV_ROWS // g))
+    return cq, max(16, _next_pow2(cq * g))
+
+
+class _Rows:
+    """Packed-row bookkeeping of a forward / dQ program: row r = (query q0 + r // G, head r % G)."""
+
+    def __init__(self, q0, *, bq, rp, g, seq_len, valid_ref):
+        r = jnp.arange(rp, dtype=jnp.int32)
+        self.j = _idiv(r, g)  # local query
+        self.g = _irem(r, g)
+        self.qi = q0 + self.j
+        self.in_bounds = (r < bq * g) & (self.qi < seq_len)
+        self.qi_c = jnp.where(self.in_bounds, self.qi, 0)
+        self.ok = self.in_bounds & (valid_ref[self.qi_c] != 0)
+
+    def load(self, ref, d, other=0.0):
+        c = jnp.arange(d, dtype=jnp.int32)[None, :]
+        return plgpu.load(ref.at[self.qi_c[:, None], self.g[:, None], c], mask=self.ok[:, None], other=other)
+
+    def load_row(self, ref):
+        return plgpu.load(ref.at[self.qi_c, self.g], mask=self.ok, other=0.0)
+
+    # Stores index with the unclamped query: a masked-out row must not alias a real row of the same store
+    # (the interpreter discharges a masked scatter as read-select-write; out-of-range writes are dropped).
+    def store(self, ref, val):
+        d = val.shape[1]
+        c = jnp.arange(d, dtype=jnp.int32)[None, :]
+        plgpu.store(ref.at[self.qi[:, None], self.g[:, None], c], val, mask=self.in_bounds[:, None])
+
+    def store_row(self, ref, val):
+        plgpu.store(ref.at[self.qi, self.g], val, mask=self.in_bounds)
+
+
+def _own_keys(q0, *, block_size, seq_len, valid_ref):
+    """Own-block key positions [b] of a query tile (all its queries lie in one block) and their validity."""
+    own0 = _idiv(q0, block_size) * block_size
+    kpos = own0 + jnp.arange(block_size, dtype=jnp.int32)
+    kin = kpos < seq_len
+    kval = kin & (valid_ref[jnp.where(kin, kpos, 0)] != 0)
+    return own0, kpos, kval
+
+
+def _group_keys(q0, r0, *, bq, sg, n_sel, block_size, seq_len, sel_ref, valid_ref, mask_padded):
+    """Keys of selected slots r0 .. r0+sg-1 of the BQ queries of a tile, side by side.
+
+    Key column c = (j * sg + rr) * b + t: query j of the tile, slot r0 + rr, offset t in the block.
+    Returns (query of each column [BQ*sg*b], key positions, key mask)."""
+    c = jnp.arange(bq * sg * block_size, dtype=jnp.int32)
+    cb = _idiv(c, block_size)
+    kj = _idiv(cb, sg)
+    slot = r0 + _irem(cb, sg)
+    qi = q0 + kj
+    q_in = (qi < seq_len) & (slot < n_sel)
+    qi_c = jnp.where(q_in, qi, 0)
+    e = sel_ref[qi_c, jnp.where(q_in, slot, 0)]  # encoded block: >= 0 kept
+    # Keys of an invalid query are never loaded: the [rows, keys] x [keys, d] product mixes the queries of
+    # the tile, so a NaN key/value of one query's block would reach the others through 0 * NaN.
+    kept = q_in & (e >= 0) & (valid_ref[qi_c] != 0)
+    kpos = jnp.where(kept, e, 0) * block_size + _irem(c, block_size)
+    kmask = kept
+    if mask_padded:
+        kmask = kmask & (valid_ref[kpos] != 0)
+    return kj, kpos, kmask
+
+
+def _slot_groups(n_sel: int, bq: int, block_size: int) -> tuple[int, int]:
+    """(slots per group sg, number of groups): a group's keys (bq * sg * b) stay <= ATTN_MAX_KEYS."""
+    sg = max(1, min(_next_pow2(n_sel), _floor_pow2(max(1, ATTN_MAX_KEYS // (bq * block_size)))))
+    return sg, -(-n_sel // sg)
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, valid_ref, sel_ref, o_ref, lse_ref, *, seq_len, g, n_sel, bq, rp,
+                block_size, causal, mask_padded, qk_scale):
+    # q_ref [N, G, d]; k_ref, v_ref [N, d]; valid_ref [N]; sel_ref [N, n]; o_ref [N, G, d]; lse_ref [N, G]
+    d = q_ref.shape[-1]
+    q0 = pl.program_id(0) * bq
+    rows = _Rows(q0, bq=bq, rp=rp, g=g, seq_len=seq_len, valid_ref=valid_ref)
+    q = rows.load(q_ref, d)
+    neg_inf = jnp.float32(-jnp.inf)
+
+    def update(carry, s, mask, vt):
+        m, l, acc = carry
+        s = jnp.where(mask, s * qk_scale, neg_inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_safe = jnp.where(m_new == neg_inf, 0.0, m_new)
+        alpha = jnp.exp2(m - m_safe)
+        p = jnp.exp2(s - m_safe[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.astype(vt.dtype), vt)
+        return m_new, l, acc
+
+    carry = (jnp.full((rp,), -jnp.inf, jnp.float32), jnp.zeros((rp,), jnp.float32),
+             jnp.zeros((rp, d), jnp.float32))
+    if causal:
+        own0, kpos, kval = _own_keys(q0, block_size=block_size, seq_len=seq_len, valid_ref=valid_ref)
+        ko = plgpu.load(k_ref.at[pl.ds(own0, block_size), :], mask=kval[:, None], other=0.0)
+        vo = plgpu.load(v_ref.at[pl.ds(own0, block_size), :], mask=kval[:, None], other=0.0)
+        mask = rows.ok[:, None] & kval[None, :] & (kpos[None, :] <= rows.qi[:, None])
+        carry = update(carry, _dot(q, ko, trans_b=True), mask, vo)
+
+    cd = jnp.arange(d, dtype=jnp.int32)[None, :]
+
+    sg, n_groups = _slot_groups(n_sel, bq, block_size)
+    for grp in range(n_groups):
+        kj, kpos, kmask = _group_keys(q0, grp * sg, bq=bq, sg=sg, n_sel=n_sel, block_size=block_size,
+                                      seq_len=seq_len, sel_ref=sel_ref, valid_ref=valid_ref,
+                                      mask_padded=mask_padded)
+        ks = plgpu.load(k_ref.at[kpos[:, None], cd], mask=kmask[:, None], other=0.0)
+        vs = plgpu.load(v_ref.at[kpos[:, None], cd], mask=kmask[:, None], other=0.0)
+        mask = rows.ok[:, None] & kmask[None, :] & (rows.j[:, None] == kj[None, :])
+        carry = update(carry, _dot(q, ks, trans_b=True), mask, vs)
+    m, l, acc = carry
+
+    nonempty = rows.ok & (l > 0)
+    o = acc / jnp.where(nonempty, l, 1.0)[:, None]
+    o = jnp.where(nonempty[:, None], o, 0.0)
+    lse = jnp.where(nonempty, m + jnp.log2(jnp.where(nonempty, l, 1.0)), 0.0)
+    rows.store(o_ref, o.astype(o_ref.dtype))
+    rows.store_row(lse_ref, lse)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, valid_ref, sel_ref, do_ref, lse_ref, delta_ref, dq_ref, *, seq_len,
+               g, n_sel, bq, rp, block_size, causal, mask_padded, qk_scale, sm_scale):
+    d = q_ref.shape[-1]
+    q0 = pl.program_id(0) * bq
+    rows = _Rows(q0, bq=bq, rp=rp, g=g, seq_len=seq_len, valid_ref=valid_ref)
+    q = rows.load(q_ref, d)
+    do = rows.load(do_ref, d)
+    lse = rows.load_row(lse_ref)
+    delta = rows.load_row(delta_ref)
+    neg_inf = jnp.float32(-jnp.inf)
+
+    def update(dq, s, mask, kt, vt):
+        s = jnp.where(mask, s * qk_scale, neg_inf)
+        p = jnp.exp2(s - lse[:, None])
+        dp = _dot(do, vt, trans_b=True)
+        ds = jnp.where(mask, p * (dp - delta[:, None]), 0.0)
+        return dq + _dot(ds.astype(kt.dtype), kt)
+
+    dq = jnp.zeros((rp, d), jnp.float32)
+    if causal:
+        own0, kpos, kval = _own_keys(q0, block_size=block_size, seq_len=seq_len, valid_ref=valid_ref)
+        ko = plgpu.load(k_ref.at[pl.ds(own0, block_size), :], mask=kval[:, None], other=0.0)
+        vo = plgpu.load(v_ref.at[pl.ds(own0, block_size), :], mask=kval[:, None], other=0.0)
+        mask = rows.ok[:, None] & kval[None, :] & (kpos[None, :] <= rows.qi[:, None])
+        dq = update(dq, _dot(q, ko, trans_b=True), mask, ko, vo)
+
+    cd = jnp.arange(d, dtype=jnp.int32)[None, :]
+
+    sg, n_groups = _slot_groups(n_sel, bq, block_size)
+    for grp in range(n_groups):
+        kj, kpos, kmask = _group_keys(q0, grp * sg, bq=bq, sg=sg, n_sel=n_sel, block_size=block_size,
+                                      seq_len=seq_len, sel_ref=sel_ref, valid_ref=valid_ref,
+                                      mask_padded=mask_padded)
+        ks = plgpu.load(k_ref.at[kpos[:, None], cd], mask=kmask[:, None], other=0.0)
+        vs = plgpu.load(v_ref.at[kpos[:, None], cd], mask=kmask[:, None], other=0.0)
+        mask = rows.ok[:, None] & kmask[None, :] & (rows.j[:, None] == kj[None, :])
+        dq = update(dq, _dot(q, ks, trans_b=True), mask, ks, vs)
+    rows.store(dq_ref, (dq * sm_scale).astype(dq_ref.dtype))
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delta_ref, order_ref, starts_ref,
+                dk_ref, dv_ref, *, seq_len, g, n_sel, cq, rp, rp_own, block_size, causal, mask_padded,
+                qk_scale, sm_scale):
+    # order_ref [M] (pair ids i*n + r sorted by block); starts_ref [NKB + 1]
+    d = q_ref.shape[-1]
+    n_pairs = order_ref.shape[0]
+    w = pl.program_id(0)
+    k0 = w * block_size
+    kpos = k0 + jnp.arange(block_size, dtype=jnp.int32)
+    kin = kpos < seq_len
+    kval = kin & (valid_ref[jnp.where(kin, kpos, 0)] != 0)
+    # keys of block w as a *selected* block (padded keys included unless mask_padded)
+    ksel = kval if mask_padded else kin
+    kw = plgpu.load(k_ref.at[pl.ds(k0, block_size), :], mask=kin[:, None], other=0.0)
+    vw = plgpu.load(v_ref.at[pl.ds(k0, block_size), :], mask=kin[:, None], other=0.0)
+    cd = jnp.arange(d, dtype=jnp.int32)[None, :]
+    neg_inf = jnp.float32(-jnp.inf)
+
+    def accumulate(carry, qi_c, gg, ok, kmask):
+        dk, dv = carry
+        q = plgpu.load(q_ref.at[qi_c[:, None], gg[:, None], cd], mask=ok[:, None], other=0.0)
+        do = plgpu.load(do_ref.at[qi_c[:, None], gg[:, None], cd], mask=ok[:, None], other=0.0)
+        lse = plgpu.load(lse_ref.at[qi_c, gg], mask=ok, other=0.0)
+        delta = plgpu.load(delta_ref.at[qi_c, gg], mask=ok, other=0.0)
+        mask = ok[:, None] & kmask
+        s = _dot(q, kw, trans_b=True) * qk_scale
+        s = jnp.where(mask, s, neg_inf)
+        p = jnp.exp2(s - lse[:, None])
+        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+        dp = _dot(do, vw, trans_b=True)
+        # select, not multiply: a masked key may hold NaN (padding) and 0 * NaN = NaN
+        ds = jnp.where(mask, p * (dp - delta[:, None]), 0.0)
+        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+        return dk, dv
+
+    carry = (jnp.zeros((block_size, d), jnp.float32), jnp.zeros((block_size, d), jnp.float32))
+
+    # (1) queries that selected block w (all kept and valid by construction of the inverse map)
+    start = starts_ref[w]
+    end = starts_ref[w + 1]
+    n_chunks = _idiv(end - start + (cq - 1), cq)
+    r = jnp.arange(rp, dtype=jnp.int32)
+    rj = _idiv(r, g)
+    rg = _irem(r, g)
+
+    def chunk_body(c, carry):
+        pidx = start + c * cq + rj
+        pin = (r < cq * g) & (pidx < end)
+        pair = plgpu.load(order_ref.at[jnp.where(pin, pidx, 0)], mask=pin, other=0)
+        qi = _idiv(pair, n_sel)
+        qi_c = jnp.where(pin, qi, 0)
+        return accumulate(carry, qi_c, rg, pin, ksel[None, :])
+
+    carry = lax.fori_loop(0, n_chunks, chunk_body, carry)
+
+    # (2) own block (causal): the b queries of block w, all G heads
+    if causal:
+        ro = jnp.arange(rp_own, dtype=jnp.int32)
+        qi = k0 + _idiv(ro, g)
+        in_b = (ro < block_size * g) & (qi < seq_len)
+        qi_c = jnp.where(in_b, qi, 0)
+        ok = in_b & (valid_ref[qi_c] != 0)
+        kmask = kval[None, :] & (kpos[None, :] <= qi[:, None])
+        carry = accumulate(carry, qi_c, _irem(ro, g), ok, kmask)
+
+    dk, dv = carry
+    plgpu.store(dk_ref.at[pl.ds(k0, block_size), :], (dk * sm_scale).astype(dk_ref.dtype),
+                mask=kin[:, None])
+    plgpu.store(dv_ref.at[pl.ds(k0, block_size), :], dv.astype(dv_ref.dtype), mask=kin[:, None])
+
+
+def _specs_common(n, g, d):
+    q_spec = pl.BlockSpec((None, n, g, d), lambda t, b, h: (b, 0, h, 0))
+    kv_spec = pl.BlockSpec((None, n, None, d), lambda t, b, h: (b, 0, h, 0))
+    valid_spec = pl.BlockSpec((None, n), lambda t, b, h: (b, 0))
+    row_spec = pl.BlockSpec((None, n, g), lambda t, b, h: (b, 0, h))
+    return q_spec, kv_spec, valid_spec, row_spec
+
+
+def _fwd_call(q, k, v, valid_i, sel_enc, *, causal, block_size, mask_padded, interpret):
+    bsz, n, h, d = q.shape
+    hk = k.shape[2]
+    g = h // hk
+    n_sel = sel_enc.shape[-1]
+    bq, rp = _attn_tiles(g, block_size)
+    q_spec, kv_spec, valid_spec, row_spec = _specs_common(n, g, d)
+    sel_spec = pl.BlockSpec((None, n, None, n_sel), lambda t, b, hh: (b, 0, hh, 0))
+    kernel = functools.partial(
+        _fwd_kernel, seq_len=n, g=g, n_sel=n_sel, bq=bq, rp=rp, block_size=block_size, causal=causal,
+        mask_padded=mask_padded, qk_scale=_LOG2E / math.sqrt(d),
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(n, bq), bsz, hk),
+        in_specs=[q_spec, kv_spec, kv_spec, valid_spec, sel_spec],
+        out_specs=[q_spec, row_spec],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((bsz, n, h), jnp.float32)],
+        compiler_params=_compiler_params(ATTN_NUM_WARPS),
+        interpret=interpret,
+        name="ltis_attention_fwd",
+    )(q, k, v, valid_i, sel_enc)
+
+
+def _inverse_selection(valid_i, sel_enc, n_key_blocks):
+    """(order [B, Hk, N*n] pair ids sorted by block, starts [B, Hk, NKB + 1]) for the dK/dV kernel."""
+    bsz, n, hk, n_sel = sel_enc.shape
+    keys = jnp.where((sel_enc >= 0) & (valid_i[:, :, None, None] != 0), sel_enc, n_key_blocks)
+    keys = jnp.transpose(keys, (0, 2, 1, 3)).reshape(bsz, hk, n * n_sel).astype(jnp.int32)
+    ids = lax.broadcasted_iota(jnp.int32, keys.shape, 2)
+    sorted_keys, order = lax.sort((keys, ids), dimension=2, is_stable=True, num_keys=1)
+    bounds = jnp.arange(n_key_blocks + 1, dtype=jnp.int32)
+    starts = jax.vmap(lambda sk: jnp.searchsorted(sk, bounds, side="left").astype(jnp.int32))(
+        sorted_keys.reshape(bsz * hk, -1)).reshape(bsz, hk, n_key_blocks + 1)
+    return order, starts
+
+
+def _bwd_call(q, k, v, valid_i, sel_enc, o, lse, do, *, causal, block_size, mask_padded, interpret):
+    bsz, n, h, d = q.shape
+    hk = k.shape[2]
+    g = h // hk
+    n_sel = sel_enc.shape[-1]
+    sm_scale = 1.0 / math.sqrt(d)
+    qk_scale = _LOG2E * sm_scale
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, N, H]
+    do = do.astype(q.dtype)
+    q_spec, kv_spec, valid_spec, row_spec = _specs_common(n, g, d)
+
+    # dQ: same tiling as the forward
+    bq, rp = _attn_tiles(g, block_size)
+    sel_spec = pl.BlockSpec((None, n, None, n_sel), lambda t, b, hh: (b, 0, hh, 0))
+    dq = pl.pallas_call(
+        functools.partial(
+            _dq_kernel, seq_len=n, g=g, n_sel=n_sel, bq=bq, rp=rp, block_size=block_size, causal=causal,
+            mask_padded=mask_padded, qk_scale=qk_scale, sm_scale=sm_scale,
+        ),
+        grid=(pl.cdiv(n, bq), bsz, hk),
+        in_specs=[q_spec, kv_spec, kv_spec, valid_spec, sel_spec, q_spec, row_spec, row_spec],
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_compiler_params(ATTN_NUM_WARPS),
+        interpret=interpret,
+        name="ltis_attention_dq",
+    )(q, k, v, valid_i, sel_enc, do, lse, delta)
+
+    # dK/dV: one program per key block, over the inverted selection
+    nkb = pl.cdiv(n, block_size)
+    order, starts = _inverse_selection(valid_i, sel_enc, nkb)
+    cq, rp_dkv = _dkv_tiles(g)
+    rp_own = max(16, _next_pow2(block_size * g))
+    dk, dv = pl.pallas_call(
+        functools.partial(
+            _dkv_kernel, seq_len=n, g=g, n_sel=n_sel, cq=cq, rp=rp_dkv, rp_own=rp_own,
+            block_size=block_size, causal=causal, mask_padded=mask_padded, qk_scale=qk_scale,
+            sm_scale=sm_scale,
+        ),
+        grid=(nkb, bsz, hk),
+        in_specs=[
+            q_spec, kv_spec, kv_spec, valid_spec, q_spec, row_spec, row_spec,
+            pl.BlockSpec((None, None, n * n_sel), lambda t, b, hh: (b, hh, 0)),
+            pl.BlockSpec((None, None, nkb + 1), lambda t, b, hh: (b, hh, 0)),
+        ],
+        out_specs=[kv_spec, kv_spec],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=_compiler_params(DKV_NUM_WARPS),
+        interpret=interpret,
+        name="ltis_attention_dkv",
+    )(q, k, v, valid_i, do, lse, delta, order, starts)
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _ltis_attention(q, k, v, valid_i, sel_enc, causal, block_size, mask_padded, interpret):
+    o, _ = _fwd_call(q, k, v, valid_i, sel_enc, causal=causal, block_size=block_size,
+                     mask_padded=mask_padded, interpret=interpret)
+    return o
+
+
+def _ltis_attention_fwd(q, k, v, valid_i, sel_enc, causal, block_size, mask_padded, interpret):
+    o, lse = _fwd_call(q, k, v, valid_i, sel_enc, causal=causal, block_size=block_size,
+                       mask_padded=mask_padded, interpret=interpret)
+    return o, (q, k, v, valid_i, sel_enc, o, lse)
+
+
+def _ltis_attention_bwd(causal, block_size, mask_padded, interpret, res, do):
+    q, k, v, valid_i, sel_enc, o, lse = res
+    dq, dk, dv = _bwd_call(q, k, v, valid_i, sel_enc, o, lse, do, causal=causal, block_size=block_size,
+                           mask_padded=mask_padded, interpret=interpret)
+    return dq, dk, dv, None, None
+
+
+_ltis_attention.defvjp(_ltis_attention_fwd, _ltis_attention_bwd)
+
+
+def ltis_attention_gpu(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    valid: jax.Array,
+    selected_blocks: jax.Array,
+    kept: jax.Array,
+    *,
+    causal: bool = True,
+    block_size: int = 16,
+    mask_padded_block_keys: bool = False,
+    interpret: bool = False,
+) -> jax.Array:
+    """LTIS fine attention over the selected blocks (SPEC 3.5, 3.7, 3.8); differentiable w.r.t. q, k, v.
+
+    Args:
+      q: [B, N, H, d]; k, v: [B, N, Hk, d] (GQA: head g uses kv head g // (H // Hk)); same dtype.
+      valid: bool [B, N].
+      selected_blocks: int [B, N, Hk, n]; kept: bool [B, N, Hk, n] (from :func:`select_blocks_gpu`).
+      causal: add the own causal block and require nothing else (kept blocks end before it).
+      block_size: b, a power of two >= 16.
+      mask_padded_block_keys: also mask invalid keys inside kept blocks (off = the reference).
+      interpret: run the Pallas interpreter (CPU tests).
+
+    Returns:
+      o [B, N, H, d] in q.dtype, 0 at invalid queries and where the key set is empty.
+    """
+    bsz, n, h, d = q.shape
+    if k.shape != v.shape or k.shape[:2] != (bsz, n) or k.shape[3] != d:
+        raise ValueError(f"k {k.shape} / v {v.shape} do not match q {q.shape}")
+    hk = k.shape[2]
+    if h % hk:
+        raise ValueError(f"num heads {h} is not a multiple of kv heads {hk}")
+    b = int(block_size)
+    if b < 16 or b & (b - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+    if selected_blocks.shape[:3] != (bsz, n, hk) or kept.shape != selected_blocks.shape:
+        raise ValueError(f"selected_blocks {selected_blocks.shape} / kept {kept.shape} mismatch")
+    nc = n // b
+    sel = selected_blocks.astype(jnp.int32)
+    kept_b = kept.astype(bool) & (sel >= 0) & (sel < nc)
+    sel_enc = lax.stop_gradient(jnp.where(kept_b, sel, -1))
+    valid_i = lax.stop_gradient(valid.astype(jnp.int32))
+    dp = _padded_head_dim(d)
+    if dp != d:
+        # zero features change no dot product; the softmax scale must stay 1/sqrt(d): fold the ratio into q
+        q = _pad_last(q * jnp.asarray(math.sqrt(dp / d), q.dtype), dp)
+        k, v = _pad_last(k, dp), _pad_last(v, dp)
+    o = _ltis_attention(q, k, v, valid_i, sel_enc, bool(causal), b, bool(mask_padded_block_keys),
+                        bool(interpret))
+    return o[..., :d] if dp != d else o
