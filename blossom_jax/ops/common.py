@@ -47,13 +47,18 @@ def compress_keys(k: jax.Array, params: Mapping[str, jax.Array], config: Attenti
     if n_blocks == 0:
         return jnp.zeros((batch, kv_heads, 0, head_dim), jnp.float32)
     # Window w covers positions w*s - (l - s) ... w*s + s - 1; positions < 0 read as zeros.
-    padded = jnp.pad(k.astype(jnp.float32), ((0, 0), (length - stride, 0), (0, 0), (0, 0)))
+    # Matmul operands in the keys' dtype (bfloat16 stays bfloat16), accumulation in float32.
+    dtype = k.dtype
+    padded = jnp.pad(k, ((0, 0), (length - stride, 0), (0, 0), (0, 0)))
     window_rows = jnp.arange(n_blocks)[:, None] * stride + jnp.arange(length)[None, :]  # [Nc, l]
     windows = padded[:, window_rows]  # [B, Nc, l, Hk, d]
-    windows = jnp.transpose(windows, (0, 3, 1, 2, 4)) + params["intrablock_positions"][None, :, None]
+    windows = (jnp.transpose(windows, (0, 3, 1, 2, 4)).astype(jnp.float32)
+               + params["intrablock_positions"][None, :, None])
     flat = windows.reshape(batch, kv_heads, n_blocks, length * head_dim)  # slot-major: slot*d + feature
-    hidden = jax.nn.relu(jnp.dot(flat, params["w1"].astype(jnp.float32)) + params["b1"])
-    return jnp.dot(hidden, params["w2"].astype(jnp.float32)) + params["b2"]
+    hidden = jnp.dot(flat.astype(dtype), params["w1"].astype(dtype), preferred_element_type=jnp.float32)
+    hidden = jax.nn.relu(hidden + params["b1"])
+    compressed = jnp.dot(hidden.astype(dtype), params["w2"].astype(dtype), preferred_element_type=jnp.float32)
+    return compressed + params["b2"]
 
 
 def block_validity(valid: jax.Array, config: AttentionConfig) -> jax.Array:
