@@ -145,14 +145,14 @@ def time_fn(fn, arg_sets, warmup, iters):
     return statistics.median(samples), min(samples)
 
 
-def peak_bytes(jitted, *args):
-    analysis = jitted.lower(*args).compile().memory_analysis()
+def peak_bytes(compiled):
+    analysis = compiled.memory_analysis()
     if analysis is None:
-        return None
+        return float("nan")
     return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes)
 
 
-def bench(impls, seq_lens, tokens, warmup, iters, seed):
+def bench(impls, seq_lens, tokens, warmup, iters, seed, out_path=None):
     rows = []
     for seq_len in seq_lens:
         batch = max(1, tokens // seq_len)
@@ -164,15 +164,21 @@ def bench(impls, seq_lens, tokens, warmup, iters, seed):
             f, g = fwd_and_grad(layer)
             row = dict(impl=name, N=seq_len, B=batch, tokens=batch * seq_len)
             try:
-                row["fwd_ms"], row["fwd_min_ms"] = time_fn(f, [(params, x, v) for x, v, _ in pool], warmup, iters)
+                f_compiled = f.lower(params, *pool[0][:2]).compile()
+                g_compiled = g.lower(params, *pool[0]).compile()
+                row["fwd_peak_mb"] = peak_bytes(f_compiled) / 2**20
+                row["fwdbwd_peak_mb"] = peak_bytes(g_compiled) / 2**20
+                row["fwd_ms"], row["fwd_min_ms"] = time_fn(
+                    f_compiled, [(params, x, v) for x, v, _ in pool], warmup, iters)
                 row["fwdbwd_ms"], row["fwdbwd_min_ms"] = time_fn(
-                    g, [(params, x, v, c) for x, v, c in pool], warmup, iters)
-                row["fwd_peak_mb"] = (peak_bytes(f, params, *pool[0][:2]) or 0) / 2**20
-                row["fwdbwd_peak_mb"] = (peak_bytes(g, params, *pool[0]) or 0) / 2**20
+                    g_compiled, [(params, x, v, c) for x, v, c in pool], warmup, iters)
             except Exception as error:  # noqa: BLE001 - record OOMs / unsupported configs and go on
                 row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
             rows.append(row)
             print("time", json.dumps(row), flush=True)
+            if out_path:
+                with open(out_path, "a") as handle:
+                    handle.write(json.dumps(row) + "\n")
     return rows
 
 
@@ -196,7 +202,8 @@ def main(argv=None):
     checks = check(args.impls, args.check_lengths, args.seed)
     if not all(row["ok"] for row in checks):
         print("CORRECTNESS CHECK FAILED: timings below are for information only", flush=True)
-    timings = bench(args.impls, args.lengths, args.tokens, args.warmup, args.iters, args.seed)
+    timings = bench(args.impls, args.lengths, args.tokens, args.warmup, args.iters, args.seed,
+                    args.out + ".rows.jsonl" if args.out else None)
     result = dict(meta=meta, checks=checks, timings=timings)
     if args.out:
         with open(args.out, "w") as handle:

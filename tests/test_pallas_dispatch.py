@@ -81,7 +81,7 @@ def test_pallas_on_cpu_is_a_clear_error():
 def test_auto_policy():
     config = AttentionConfig()
     assert pallas_ops.auto_prefers_pallas("gpu", 4096, config)
-    assert not pallas_ops.auto_prefers_pallas("gpu", pallas_ops.GPU_AUTO_MIN_LEN - 1, config)
+    assert pallas_ops.auto_prefers_pallas("gpu", pallas_ops.GPU_AUTO_MIN_LEN, config)
     assert not pallas_ops.auto_prefers_pallas("tpu", 4096, config)
     from blossom_jax import resolve_impl
 
