@@ -63,8 +63,8 @@ def resolve_impl(impl: str, seq_len: int, config: AttentionConfig) -> str:
         return impl
     from blossom_jax.ops import pallas  # local: keeps the kernels out of CPU-only imports
 
-    if pallas.available(jax.default_backend()) and pallas.auto_prefers_pallas(
-            jax.default_backend(), seq_len, config):
+    backend = pallas.current_backend()
+    if pallas.available(backend) and pallas.auto_prefers_pallas(backend, seq_len, config):
         return "pallas"
     return "xla"
 

@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = load_run(args.checkpoint)
     params = jax.device_get(run.params)
     results_meta = {"source_run": str(args.checkpoint), "best_epoch": run.meta.get("best_epoch"),
-                    "best_valid": run.meta.get("best_valid_metrics")}
+                    "best_valid": run.meta.get("best_valid")}
     mapping = {raw: index for index, raw in enumerate(run.item_map.id_to_raw) if index}
     out = export_model(run.model_config, params, args.out, platforms=platforms, max_len=args.max_len,
                        top_k=args.top_k, item_mapping=mapping, extra=results_meta)

@@ -13,9 +13,11 @@ gradient, which the kernels do not produce); STIS still uses its kernel.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import types
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,27 @@ from blossom_jax.ops import xla as xla_ops
 #: beat the xla path at every length measured (N = 50 in a whole training step: 15.2 vs 28.8 ms; layer
 #: fwd+bwd at N = 256: 2.1 vs 6.3 ms; see benchmarks/results/), so auto takes them from N = 1 on.
 GPU_AUTO_MIN_LEN = 1
+
+_TARGET_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("blossom_pallas_target",
+                                                                            default=None)
+
+
+@contextlib.contextmanager
+def target_backend(backend: str) -> Iterator[None]:
+    """Trace ``impl="pallas"`` for ``backend`` ("gpu" or "tpu") whatever the host runs: for ahead-of-time
+    compilation (e.g. ``jax.jit(f).trace(...).lower(lowering_platforms=("tpu",))`` on a CPU machine)."""
+    if backend not in ("gpu", "tpu"):
+        raise ValueError(f'target backend must be "gpu" or "tpu", got {backend!r}')
+    token = _TARGET_BACKEND.set(backend)
+    try:
+        yield
+    finally:
+        _TARGET_BACKEND.reset(token)
+
+
+def current_backend() -> str:
+    """The backend ``impl="pallas"`` traces for: the ``target_backend`` override, else jax's default."""
+    return _TARGET_BACKEND.get() or jax.default_backend()
 
 
 @functools.cache
@@ -72,7 +95,7 @@ def blossom_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, gates: ja
       interpret: run the kernels in the Pallas interpreter (``True``, or ``pltpu.InterpretParams`` for
         TPU) so that they execute on the CPU; for tests.
     """
-    backend = backend or jax.default_backend()
+    backend = backend or current_backend()
     kernels = _kernels(backend)
     batch, seq_len, num_heads, head_dim = q.shape
     kv_heads, group = config.num_kv_heads, config.group_size
