@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import pathlib
 
+# pytest-xdist workers each load libtpu (TPU AOT tests); without this, the second one fails on libtpu's
+# single-process lockfile. Must be set before libtpu initialises.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 import jax
 import jax.numpy as jnp
 import numpy as np
