@@ -29,10 +29,11 @@ def _model(split, **kw):
     return cfg, SequentialRecommender(cfg.model_config(split.num_items))
 
 
-def test_all_positions_loss_equals_mean_of_prefix_losses(split):
+@pytest.mark.parametrize("attention", ["blossom", "dense"])
+def test_all_positions_loss_equals_mean_of_prefix_losses(split, attention):
     """A causal model's hidden state at position i of a window equals the user vector of the prefix
     ending at i, so the all-positions CE is the mean of the prefix CEs of the same targets."""
-    cfg, model = _model(split, dropout=0.0)
+    cfg, model = _model(split, dropout=0.0, attention_dropout=0.0, attention=attention)
     params = {"params": jax.jit(lambda: init_params(model, jax.random.PRNGKey(0), cfg.max_len))()}
     windows = D.window_examples(split, cfg.max_len).take(np.arange(12))
     wb = D.make_batch(split.items, windows, np.arange(12), 12, cfg.max_len, "shift")
