@@ -392,6 +392,31 @@ def _slot_groups(n_sel: int, bq: int, block_size: int) -> tuple[int, int]:
     return sg, -(-n_sel // sg)
 
 
+def _walk_keys(carry, visit, q, q0, rows, k_ref, v_ref, valid_ref, sel_ref, *, seq_len, n_sel, bq,
+               block_size, causal, mask_padded):
+    """Feeds every key tile of a query tile to ``visit(carry, scores, mask, k_tile, v_tile) -> carry``:
+    the own causal block first (causal mode), then the packed groups of selected blocks. Shared by the
+    forward and dQ kernels so both see exactly the same keys and masks."""
+    d = q.shape[-1]
+    if causal:
+        own0, kpos, kval = _own_keys(q0, block_size=block_size, seq_len=seq_len, valid_ref=valid_ref)
+        ko = plgpu.load(k_ref.at[pl.ds(own0, block_size), :], mask=kval[:, None], other=0.0)
+        vo = plgpu.load(v_ref.at[pl.ds(own0, block_size), :], mask=kval[:, None], other=0.0)
+        mask = rows.ok[:, None] & kval[None, :] & (kpos[None, :] <= rows.qi[:, None])
+        carry = visit(carry, _dot(q, ko, trans_b=True), mask, ko, vo)
+    cd = jnp.arange(d, dtype=jnp.int32)[None, :]
+    sg, n_groups = _slot_groups(n_sel, bq, block_size)
+    for grp in range(n_groups):
+        kj, kpos, kmask = _group_keys(q0, grp * sg, bq=bq, sg=sg, n_sel=n_sel, block_size=block_size,
+                                      seq_len=seq_len, sel_ref=sel_ref, valid_ref=valid_ref,
+                                      mask_padded=mask_padded)
+        ks = plgpu.load(k_ref.at[kpos[:, None], cd], mask=kmask[:, None], other=0.0)
+        vs = plgpu.load(v_ref.at[kpos[:, None], cd], mask=kmask[:, None], other=0.0)
+        mask = rows.ok[:, None] & kmask[None, :] & (rows.j[:, None] == kj[None, :])
+        carry = visit(carry, _dot(q, ks, trans_b=True), mask, ks, vs)
+    return carry
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, valid_ref, sel_ref, o_ref, lse_ref, *, seq_len, g, n_sel, bq, rp,
                 block_size, causal, mask_padded, qk_scale):
     # q_ref [N, G, d]; k_ref, v_ref [N, d]; valid_ref [N]; sel_ref [N, n]; o_ref [N, G, d]; lse_ref [N, G]
@@ -414,24 +439,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, valid_ref, sel_ref, o_ref, lse_ref, *, seq_
 
     carry = (jnp.full((rp,), -jnp.inf, jnp.float32), jnp.zeros((rp,), jnp.float32),
              jnp.zeros((rp, d), jnp.float32))
-    if causal:
-        own0, kpos, kval = _own_keys(q0, block_size=block_size, seq_len=seq_len, valid_ref=valid_ref)
-        ko = plgpu.load(k_ref.at[pl.ds(own0, block_size), :], mask=kval[:, None], other=0.0)
-        vo = plgpu.load(v_ref.at[pl.ds(own0, block_size), :], mask=kval[:, None], other=0.0)
-        mask = rows.ok[:, None] & kval[None, :] & (kpos[None, :] <= rows.qi[:, None])
-        carry = update(carry, _dot(q, ko, trans_b=True), mask, vo)
-
-    cd = jnp.arange(d, dtype=jnp.int32)[None, :]
-
-    sg, n_groups = _slot_groups(n_sel, bq, block_size)
-    for grp in range(n_groups):
-        kj, kpos, kmask = _group_keys(q0, grp * sg, bq=bq, sg=sg, n_sel=n_sel, block_size=block_size,
-                                      seq_len=seq_len, sel_ref=sel_ref, valid_ref=valid_ref,
-                                      mask_padded=mask_padded)
-        ks = plgpu.load(k_ref.at[kpos[:, None], cd], mask=kmask[:, None], other=0.0)
-        vs = plgpu.load(v_ref.at[kpos[:, None], cd], mask=kmask[:, None], other=0.0)
-        mask = rows.ok[:, None] & kmask[None, :] & (rows.j[:, None] == kj[None, :])
-        carry = update(carry, _dot(q, ks, trans_b=True), mask, vs)
+    carry = _walk_keys(carry, lambda c, s, mask, kt, vt: update(c, s, mask, vt), q, q0, rows, k_ref, v_ref,
+                       valid_ref, sel_ref, seq_len=seq_len, n_sel=n_sel, bq=bq, block_size=block_size,
+                       causal=causal, mask_padded=mask_padded)
     m, l, acc = carry
 
     nonempty = rows.ok & (l > 0)
@@ -460,25 +470,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, valid_ref, sel_ref, do_ref, lse_ref, delta_r
         ds = jnp.where(mask, p * (dp - delta[:, None]), 0.0)
         return dq + _dot(ds.astype(kt.dtype), kt)
 
-    dq = jnp.zeros((rp, d), jnp.float32)
-    if causal:
-        own0, kpos, kval = _own_keys(q0, block_size=block_size, seq_len=seq_len, valid_ref=valid_ref)
-        ko = plgpu.load(k_ref.at[pl.ds(own0, block_size), :], mask=kval[:, None], other=0.0)
-        vo = plgpu.load(v_ref.at[pl.ds(own0, block_size), :], mask=kval[:, None], other=0.0)
-        mask = rows.ok[:, None] & kval[None, :] & (kpos[None, :] <= rows.qi[:, None])
-        dq = update(dq, _dot(q, ko, trans_b=True), mask, ko, vo)
-
-    cd = jnp.arange(d, dtype=jnp.int32)[None, :]
-
-    sg, n_groups = _slot_groups(n_sel, bq, block_size)
-    for grp in range(n_groups):
-        kj, kpos, kmask = _group_keys(q0, grp * sg, bq=bq, sg=sg, n_sel=n_sel, block_size=block_size,
-                                      seq_len=seq_len, sel_ref=sel_ref, valid_ref=valid_ref,
-                                      mask_padded=mask_padded)
-        ks = plgpu.load(k_ref.at[kpos[:, None], cd], mask=kmask[:, None], other=0.0)
-        vs = plgpu.load(v_ref.at[kpos[:, None], cd], mask=kmask[:, None], other=0.0)
-        mask = rows.ok[:, None] & kmask[None, :] & (rows.j[:, None] == kj[None, :])
-        dq = update(dq, _dot(q, ks, trans_b=True), mask, ks, vs)
+    dq = _walk_keys(jnp.zeros((rp, d), jnp.float32), update, q, q0, rows, k_ref, v_ref, valid_ref, sel_ref,
+                    seq_len=seq_len, n_sel=n_sel, bq=bq, block_size=block_size, causal=causal,
+                    mask_padded=mask_padded)
     rows.store(dq_ref, (dq * sm_scale).astype(dq_ref.dtype))
 
 

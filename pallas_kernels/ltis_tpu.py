@@ -236,7 +236,7 @@ def select_blocks_tpu(q_mean, compressed_keys, block_valid, *, causal: bool = Tr
 # ltis_attention_tpu
 # ==============================================================================================
 @dataclasses.dataclass(frozen=True)
-class _Cfg:
+class _Cfg(tc.LaneGeometry):
     b: int
     n: int
     h: int
@@ -248,18 +248,6 @@ class _Cfg:
     mask_padded: bool
     interpret: Any
     block_rows: int | None = None
-
-    @property
-    def geom(self):
-        return tc.lane_geometry(self.h, self.d)
-
-    @property
-    def lg(self):
-        return self.geom[1]
-
-    @property
-    def h_pad(self):
-        return self.geom[2]
 
     @property
     def tq(self):

@@ -60,7 +60,7 @@ def stis_offsets(n: int, window: int, causal: bool) -> tuple[int, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Cfg:
+class _Cfg(tc.LaneGeometry):
     b: int
     n: int
     h: int
@@ -71,18 +71,6 @@ class _Cfg:
     sink: bool
     interpret: Any
     block_rows: int | None = None
-
-    @property
-    def geom(self):
-        return tc.lane_geometry(self.h, self.d)
-
-    @property
-    def lg(self):
-        return self.geom[1]
-
-    @property
-    def h_pad(self):
-        return self.geom[2]
 
     @property
     def tile(self):

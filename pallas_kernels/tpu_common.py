@@ -85,6 +85,27 @@ def lane_geometry(h: int, d: int) -> tuple[int, int, int]:
     return hpg, lg, lg * hpg
 
 
+class LaneGeometry:
+    """Mixin for kernel configs with fields ``h`` (heads) and ``d`` (head dim): their lane packing."""
+
+    h: int
+    d: int
+
+    @property
+    def geom(self) -> tuple[int, int, int]:
+        return lane_geometry(self.h, self.d)
+
+    @property
+    def lg(self) -> int:
+        """Number of 128-lane groups."""
+        return self.geom[1]
+
+    @property
+    def h_pad(self) -> int:
+        """Head count padded to whole lane groups."""
+        return self.geom[2]
+
+
 def pack_heads(x: jax.Array, h_pad: int, n_pad: int) -> jax.Array:
     """[B, N, H, d] -> [B, n_pad, h_pad*d] (zero padded heads and rows)."""
     b, n, h, d = x.shape
