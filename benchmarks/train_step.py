@@ -125,7 +125,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["50:2048", "200:2048", "1024:256"], help="N:B pairs")
     parser.add_argument("--variants", nargs="+",
-                        default=["blossom:auto", "blossom:xla", "dense:xla"], help="attention:impl")
+                        default=["blossom:auto", "blossom:xla", "dense:auto", "dense:xla"],
+                        help="attention:impl (dense:auto = cuDNN on GPU in bfloat16, dense:xla = XLA)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)

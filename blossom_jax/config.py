@@ -120,7 +120,8 @@ class ModelConfig:
     attention: str = "blossom"
     # BlossomRec attention knobs; for "dense", num_heads is used and the rest ignored.
     attn: AttentionConfig = field(default_factory=AttentionConfig)
-    # Attention implementation for "blossom": auto | reference | xla | pallas.
+    # Attention implementation: auto | reference | xla | pallas. For "dense" (models.dense_impl): auto and
+    # pallas = cuDNN flash attention on GPU in bfloat16, else XLA; xla = XLA; reference = boolean mask.
     attention_impl: str = "auto"
     # Causal (SASRec next-item) or bidirectional (BERT4Rec masked-item) model.
     causal: bool = True

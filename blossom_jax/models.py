@@ -63,14 +63,128 @@ class BlossomAttention(nn.Module):
                         name="combine_heads")(out.reshape(batch, seq_len, heads * head_dim))
 
 
+# Dense attention kernels ----------------------------------------------------------------------------
+#
+# What jax offers (checked in the sources of jax 0.10.2 and 0.11.2, identical in this respect):
+# * ``jax.nn.dot_product_attention(..., implementation=None)`` always runs the XLA formulation (a
+#   "TODO: automatically select the best backend" in jax): [B, H, N, N] float32 logits, whatever the mask
+#   argument. cuDNN flash attention runs only with ``implementation="cudnn"``, which raises (at trace time)
+#   off GPU, without cuDNN, for float32 inputs (cuDNN takes float16 / bfloat16 / fp8 only) or for a head dim
+#   that is not a multiple of 8 or exceeds 128 (256 on Hopper and later).
+# * Layout: q [B, T, N, H] and k/v [B, S, K, H] ("BTNH", ours: [B, N, heads, d]) go to cuDNN as they are
+#   (no transpose). GQA (K < N, N % K == 0) is accepted by both implementations; the dense baseline here is
+#   plain multi-head attention (K = N).
+# * ``is_causal`` + ``key_value_seq_lengths`` become cuDNN's PADDING_CAUSAL (or PADDING) mask, computed in the
+#   kernel, no [N, N] array; query lengths default to N there (every query row, padded ones included, is
+#   computed over the valid keys). The XLA formulation builds the same boolean mask from iotas.
+# * A boolean ``mask=`` would be turned into an additive [B, 1, N, N] bias for cuDNN; we never pass one.
+# * No attention-probability dropout in the public API: the training path with ``attention_dropout > 0`` keeps
+#   its explicit einsum formulation (as before), so it cannot use cuDNN.
+
+DENSE_IMPLS = ("cudnn", "xla", "mask")
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def _has_length_arguments() -> bool:
+    """Whether this jax's ``dot_product_attention`` takes ``is_causal`` and ``key_value_seq_lengths``."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(jax.nn.dot_product_attention).parameters
+    except (TypeError, ValueError):
+        return False
+    return "is_causal" in parameters and "key_value_seq_lengths" in parameters
+
+
+_LENGTH_ARGUMENTS = _has_length_arguments()
+
+
+def key_lengths(valid: jax.Array) -> jax.Array:
+    """Number of valid keys per row, int32 [B], at least 1.
+
+    ``valid`` bool [B, N] must be a right-padded prefix (SPEC 1); in the bidirectional model the mask token
+    placed after the last item is a non-zero id and so counts as valid, exactly as in the boolean mask. A row
+    with no valid position (never produced by the data pipeline; SPEC requires len >= 1) is given length 1
+    so that its outputs stay finite (they attend to key 0; the boolean-mask formulation attended uniformly
+    to every key there). Such a row has no used position.
+    """
+    return jnp.maximum(jnp.sum(valid, axis=-1, dtype=jnp.int32), 1)
+
+
+def dense_impl(impl: str, dtype, head_dim: int) -> str:
+    """The dense attention formulation a model's ``attention_impl`` runs as (see ``DENSE_IMPLS``).
+
+    * "auto" / "pallas": "cudnn" when tracing for GPU with float16/bfloat16 activations and a head dim cuDNN
+      takes (multiple of 8, <= 128), else "xla".
+    * "xla": ``jax.nn.dot_product_attention`` (XLA) with ``is_causal`` and key lengths (portable; export).
+    * "reference": "mask", the explicit boolean [B, 1, N, N] mask (the formulation before lengths; oracle).
+    A jax without the length arguments gets "mask" instead of "cudnn"/"xla".
+    """
+    if impl == "reference" or not _LENGTH_ARGUMENTS:
+        return "mask"
+    if impl == "xla":
+        return "xla"
+    if impl not in ("auto", "pallas"):
+        raise ValueError(f"attention_impl must be one of auto, reference, xla, pallas; got {impl!r}")
+    from blossom_jax.ops import pallas  # local, as blossom_jax.attention.resolve_impl
+
+    on_gpu = pallas.current_backend() == "gpu"
+    supported = jnp.dtype(dtype) in [jnp.dtype(d) for d in _CUDNN_DTYPES] and head_dim % 8 == 0 \
+        and head_dim <= 128
+    return "cudnn" if on_gpu and supported else "xla"
+
+
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, *, causal: bool,
+                    impl: str = "xla") -> jax.Array:
+    """Softmax attention over the valid keys (and, if ``causal``, keys at or before the query).
+
+    q [B, N, H, d], k/v [B, N, K, d] (K divides H), valid bool [B, N] right-padded; ``impl`` one of
+    ``DENSE_IMPLS`` (see ``dense_impl``). Every output row is finite, padded query rows included (for "cudnn"
+    and "xla" they equal the "mask" formulation's wherever a row has at least one valid key).
+    """
+    if impl == "mask":
+        batch, seq_len = valid.shape
+        mask = jnp.broadcast_to(valid[:, None, None, :], (batch, 1, seq_len, seq_len))
+        if causal:
+            mask = mask & jnp.tril(jnp.ones((seq_len, seq_len), jnp.bool_))[None, None]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    if impl not in ("cudnn", "xla"):
+        raise ValueError(f"dense attention impl must be one of {DENSE_IMPLS}, got {impl!r}")
+    lengths = key_lengths(valid)
+    if impl == "cudnn":
+        try:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths,
+                                                implementation="cudnn")
+        except (NotImplementedError, RuntimeError) as error:  # no cuDNN / unsupported shape: XLA instead
+            _warn_cudnn_fallback(error)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_cudnn_fallback(error: Exception) -> None:
+    message = f"{type(error).__name__}: {error}"
+    if message not in _WARNED:
+        _WARNED.add(message)
+        import logging
+
+        logging.getLogger(__name__).warning("cuDNN attention unavailable (%s); using XLA", message)
+
+
 class DenseAttention(nn.Module):
-    """RecBole SASRec/BERT4Rec multi-head attention (query/key/value Linear with bias, softmax)."""
+    """RecBole SASRec/BERT4Rec multi-head attention (query/key/value Linear with bias, softmax).
+
+    ``impl`` is the model's ``attention_impl``, mapped by ``dense_impl`` (cuDNN flash attention on GPU in
+    bfloat16). With attention dropout in training the probabilities are materialised (explicit einsum).
+    """
 
     num_heads: int
     causal: bool = True
     attention_dropout: float = 0.0
     init_std: float = 0.02
     dtype: jnp.dtype = jnp.float32
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, valid: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -84,16 +198,17 @@ class DenseAttention(nn.Module):
             return y.reshape(batch, seq_len, self.num_heads, head_dim)
 
         q, k, v = project("query"), project("key"), project("value")
-        mask = jnp.broadcast_to(valid[:, None, None, :], (batch, 1, seq_len, seq_len))
-        if self.causal:
-            mask = mask & jnp.tril(jnp.ones((seq_len, seq_len), jnp.bool_))[None, None]
         if self.attention_dropout > 0.0 and not deterministic:
+            mask = jnp.broadcast_to(valid[:, None, None, :], (batch, 1, seq_len, seq_len))
+            if self.causal:
+                mask = mask & jnp.tril(jnp.ones((seq_len, seq_len), jnp.bool_))[None, None]
             scores = jnp.einsum("bihd,bjhd->bhij", q, k).astype(jnp.float32) / jnp.sqrt(head_dim)
             probs = jax.nn.softmax(jnp.where(mask, scores, -1e9), axis=-1)
             probs = nn.Dropout(self.attention_dropout)(probs, deterministic=False)
             out = jnp.einsum("bhij,bjhd->bihd", probs.astype(v.dtype), v)
         else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+            out = dense_attention(q, k, v, valid, causal=self.causal,
+                                  impl=dense_impl(self.impl, q.dtype, head_dim))
         return out.reshape(batch, seq_len, hidden)
 
 
@@ -114,7 +229,7 @@ class TransformerLayer(nn.Module):
             attended = DenseAttention(cfg.attn.num_heads, causal=cfg.causal,
                                       attention_dropout=cfg.attention_dropout,
                                       init_std=cfg.initializer_range, dtype=dtype,
-                                      name="dense_attention")(x, valid, deterministic)
+                                      impl=cfg.attention_impl, name="dense_attention")(x, valid, deterministic)
         attended = nn.Dense(cfg.hidden_size, kernel_init=init, dtype=dtype, name="attention_dense")(attended)
         attended = nn.Dropout(cfg.dropout)(attended, deterministic=deterministic)
         x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=jnp.float32, name="attention_norm")(

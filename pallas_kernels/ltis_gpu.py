@@ -81,6 +81,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import gpu_common
+from pallas_kernels.gpu_common import NUM_STAGES, TRITON_CUSTOM_CALL_TARGET  # noqa: F401
+
 __all__ = ["select_blocks_gpu", "ltis_attention_gpu", "TRITON_CUSTOM_CALL_TARGET"]
 
 # --------------------------------------------------------------------------------------------------------
@@ -106,52 +109,11 @@ ATTN_NUM_WARPS = 4
 # dK/dV: packed rows (pairs x G heads) per chunk of a key block's query list ([rows, d] x [d, b] tiles).
 DKV_ROWS = 64
 DKV_NUM_WARPS = 4
-NUM_STAGES = 2
-
-TRITON_CUSTOM_CALL_TARGET = "__gpu$xla.gpu.triton"
-
-_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-_LOG2E = math.log2(math.e)
-
-
-def _compiler_params(num_warps: int):
-    return _CompilerParams(num_warps=num_warps, num_stages=NUM_STAGES)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
-
-
-def _floor_pow2(x: int) -> int:
-    return 1 << (max(int(x), 1).bit_length() - 1)
-
-
-def _idiv(x, c: int):
-    """Truncating integer division of a non-negative traced int32 by a static int (lowers to one op)."""
-    return lax.div(x, jnp.full_like(x, c))
-
-
-def _irem(x, c: int):
-    return lax.rem(x, jnp.full_like(x, c))
-
-
-def _dot(a, b, trans_a: bool = False, trans_b: bool = False):
-    """2-D matmul with float32 accumulation. float32 operands use exact (IEEE) products: without an explicit
-    precision the GPU default can be TF32 (seen with jax 0.11.2: ~1e-3 relative error, and selections that
-    differ from the float32 reference)."""
-    exact = a.dtype == jnp.float32 and b.dtype == jnp.float32
-    return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b,
-                     precision=lax.Precision.HIGHEST if exact else None)
-
-
-def _padded_head_dim(d: int) -> int:
-    return max(16, _next_pow2(d))
-
-
-def _pad_last(x: jax.Array, size: int) -> jax.Array:
-    if x.shape[-1] == size:
-        return x
-    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
+_compiler_params = gpu_common.compiler_params
+_next_pow2, _floor_pow2 = gpu_common.next_pow2, gpu_common.floor_pow2
+_idiv, _irem, _dot = gpu_common.idiv, gpu_common.irem, gpu_common.dot
+_padded_head_dim, _pad_last = gpu_common.padded_head_dim, gpu_common.pad_last
+_LOG2E = gpu_common.LOG2E
 
 
 # ========================================================================================================
@@ -324,34 +286,7 @@ def _dkv_tiles(g: int) -> tuple[int, int]:
     return cq, max(16, _next_pow2(cq * g))
 
 
-class _Rows:
-    """Packed-row bookkeeping of a forward / dQ program: row r = (query q0 + r // G, head r % G)."""
-
-    def __init__(self, q0, *, bq, rp, g, seq_len, valid_ref):
-        r = jnp.arange(rp, dtype=jnp.int32)
-        self.j = _idiv(r, g)  # local query
-        self.g = _irem(r, g)
-        self.qi = q0 + self.j
-        self.in_bounds = (r < bq * g) & (self.qi < seq_len)
-        self.qi_c = jnp.where(self.in_bounds, self.qi, 0)
-        self.ok = self.in_bounds & (valid_ref[self.qi_c] != 0)
-
-    def load(self, ref, d, other=0.0):
-        c = jnp.arange(d, dtype=jnp.int32)[None, :]
-        return plgpu.load(ref.at[self.qi_c[:, None], self.g[:, None], c], mask=self.ok[:, None], other=other)
-
-    def load_row(self, ref):
-        return plgpu.load(ref.at[self.qi_c, self.g], mask=self.ok, other=0.0)
-
-    # Stores index with the unclamped query: a masked-out row must not alias a real row of the same store
-    # (the interpreter discharges a masked scatter as read-select-write; out-of-range writes are dropped).
-    def store(self, ref, val):
-        d = val.shape[1]
-        c = jnp.arange(d, dtype=jnp.int32)[None, :]
-        plgpu.store(ref.at[self.qi[:, None], self.g[:, None], c], val, mask=self.in_bounds[:, None])
-
-    def store_row(self, ref, val):
-        plgpu.store(ref.at[self.qi, self.g], val, mask=self.in_bounds)
+_Rows = gpu_common.Rows
 
 
 def _own_keys(q0, *, block_size, seq_len, valid_ref):

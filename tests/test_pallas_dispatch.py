@@ -43,9 +43,17 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+# "gpu" runs the fused dense-tile kernel (N <= FUSED_MAX_LEN), "gpu-split" the separate LTIS / STIS
+# gather kernels that longer sequences use.
+@pytest.mark.parametrize("backend", ["gpu", "gpu-split", "tpu"])
 @pytest.mark.parametrize("causal,seq_len,num_heads,num_kv_heads,dtype,extra", CASES)
-def test_pallas_impl_matches_reference(backend, causal, seq_len, num_heads, num_kv_heads, dtype, extra):
+def test_pallas_impl_matches_reference(backend, causal, seq_len, num_heads, num_kv_heads, dtype, extra,
+                                       monkeypatch):
+    if backend == "gpu-split":
+        from pallas_kernels import fused_gpu
+
+        monkeypatch.setattr(fused_gpu, "FUSED_MAX_LEN", 0)
+        backend = "gpu"
     config = AttentionConfig(num_heads=num_heads, num_kv_heads=num_kv_heads, causal=causal, **extra)
     inputs = random_attention_inputs(config, 2, seq_len, seed=seq_len + num_heads, dtype=dtype)
     cotangent = jnp.asarray(np.random.default_rng(1).normal(size=inputs[0].shape), jnp.float32)
@@ -76,6 +84,18 @@ def test_pallas_on_cpu_is_a_clear_error():
         with pytest.raises(ValueError, match="not for backend 'cpu'"):
             blossom_attention(*inputs[:5], valid=inputs[5], config=config, impl="pallas")
         assert not pallas_ops.available("cpu")
+
+
+def test_fused_kernel_policy(monkeypatch):
+    from pallas_kernels import fused_gpu
+
+    config = AttentionConfig()
+    assert pallas_ops.uses_fused_kernel("gpu", fused_gpu.FUSED_MAX_LEN, config)
+    assert not pallas_ops.uses_fused_kernel("gpu", fused_gpu.FUSED_MAX_LEN + 1, config)
+    assert not pallas_ops.uses_fused_kernel("gpu", 50, AttentionConfig(straight_through=True))
+    assert not pallas_ops.uses_fused_kernel("tpu", 50, config)
+    monkeypatch.setattr(fused_gpu, "FUSED_MAX_LEN", 0)
+    assert not pallas_ops.uses_fused_kernel("gpu", 1, config)
 
 
 def test_auto_policy():

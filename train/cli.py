@@ -52,7 +52,7 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--ties", choices=TIE_MODES, help="rank tie handling (default: expected)")
     p.add_argument("--attention", choices=("blossom", "dense"), help="attention kind")
     p.add_argument("--attention-impl", choices=("auto", "reference", "xla", "pallas"),
-                   help="BlossomRec attention implementation")
+                   help="attention implementation (dense: auto = cuDNN on GPU in bfloat16, else XLA)")
     p.add_argument("--bidirectional", action="store_const", const=True,
                    help="BERT4Rec-style masked-item model")
     p.add_argument("--objective", choices=OBJECTIVES, help="prefix examples or all positions")

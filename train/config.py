@@ -49,7 +49,8 @@ class TrainConfig:
     # --- model ------------------------------------------------------------------------------------
     # Attention: "blossom" (BlossomRec sparse attention + RoPE) or "dense" (SASRec attention).
     attention: str = "blossom"
-    # BlossomRec attention implementation: auto | reference | xla | pallas.
+    # Attention implementation: auto | reference | xla | pallas (dense: auto/pallas = cuDNN on GPU in
+    # bfloat16, else XLA; reference = explicit boolean mask).
     attention_impl: str = "auto"
     # Bidirectional (BERT4Rec-style masked-item) model instead of the causal next-item model.
     bidirectional: bool = False

@@ -6,6 +6,8 @@ One kernel API, one module per backend: ``pallas_kernels.{stis,ltis}_gpu`` (Pall
   2. kernel: fused compressed scoring + running top-n selection (no gradient, as the reference);
   3. kernel: LTIS attention over the kept blocks + own block (custom_vjp, flash-style backward);
   4. kernel: STIS power-pattern attention (custom_vjp; its backward is a gather by inverse offsets);
+     on GPU, for N <= ``fused_gpu.FUSED_MAX_LEN``, 3 and 4 are one kernel over dense key tiles that
+     evaluates both key sets as masks of one score tile (``pallas_kernels.fused_gpu``);
   5. XLA: the gate mix.
 With ``straight_through=True`` the LTIS part runs on the xla path (it needs the selection probabilities'
 gradient, which the kernels do not produce); STIS still uses its kernel.
@@ -56,15 +58,16 @@ def current_backend() -> str:
 @functools.cache
 def _kernels(backend: str) -> types.SimpleNamespace:
     if backend == "gpu":
-        from pallas_kernels import ltis_gpu, stis_gpu
+        from pallas_kernels import fused_gpu, ltis_gpu, stis_gpu
 
         return types.SimpleNamespace(select=ltis_gpu.select_blocks_gpu, ltis=ltis_gpu.ltis_attention_gpu,
-                                     stis=stis_gpu.stis_attention_gpu)
+                                     stis=stis_gpu.stis_attention_gpu, fused=fused_gpu.fused_attention_gpu,
+                                     fused_module=fused_gpu)
     if backend == "tpu":
         from pallas_kernels import ltis_tpu, stis_tpu
 
         return types.SimpleNamespace(select=ltis_tpu.select_blocks_tpu, ltis=ltis_tpu.ltis_attention_tpu,
-                                     stis=stis_tpu.stis_attention_tpu)
+                                     stis=stis_tpu.stis_attention_tpu, fused=None, fused_module=None)
     raise ValueError(f'impl="pallas" has kernels for "gpu" and "tpu", not for backend {backend!r}; '
                      'use impl="xla" (or "auto")')
 
@@ -82,6 +85,29 @@ def auto_prefers_pallas(backend: str, seq_len: int, config: AttentionConfig) -> 
     """What ``impl="auto"`` picks: the GPU kernels from GPU_AUTO_MIN_LEN on; on TPU the xla path, since
     the TPU kernels are verified (interpret mode, AOT compile) but not yet measured on hardware."""
     return backend == "gpu" and seq_len >= GPU_AUTO_MIN_LEN
+
+
+def _selection(kernels, q, compressed, valid, config, interpret):
+    """(selected, kept) [B, N, Hk, n'] from the selection kernel; a single unkept slot when Nc = 0."""
+    batch, seq_len, _, head_dim = q.shape
+    kv_heads, group = config.num_kv_heads, config.group_size
+    if compressed.shape[2] == 0:  # N < s: only the own block (causal) or nothing (bidirectional)
+        selected = jnp.zeros((batch, seq_len, kv_heads, 1), jnp.int32)
+        return selected, selected.astype(jnp.bool_)
+    mean_query = q.astype(jnp.float32).reshape(batch, seq_len, kv_heads, group, head_dim).mean(3)
+    return kernels.select(
+        jax.lax.stop_gradient(mean_query), jax.lax.stop_gradient(compressed),
+        common.block_validity(valid, config), causal=config.causal, num_selected=config.num_selected,
+        block_size=config.selection_block, keep_threshold=config.keep_threshold, scale=1.0 / head_dim ** 0.5,
+        interpret=interpret)
+
+
+def uses_fused_kernel(backend: str, seq_len: int, config: AttentionConfig) -> bool:
+    """Whether LTIS and STIS run as one dense-tile kernel (``pallas_kernels.fused_gpu``): on GPU up to
+    ``FUSED_MAX_LEN`` positions, unless the straight-through option needs the xla LTIS path."""
+    kernels = _kernels(backend)
+    return (kernels.fused is not None and seq_len <= kernels.fused_module.FUSED_MAX_LEN
+            and not config.straight_through)
 
 
 def blossom_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, gates: jax.Array,
@@ -102,27 +128,24 @@ def blossom_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, gates: ja
     if config.causal:
         q, k, v = (jnp.where(valid[:, :, None, None], x, 0) for x in (q, k, v))
     compressed = common.compress_keys(k, compress_params, config)
-    n_blocks = compressed.shape[2]
-    if config.straight_through and n_blocks > 0:
-        qf = q.astype(jnp.float32).reshape(batch, seq_len, kv_heads, group, head_dim)
-        o_ltis = xla_ops.ltis_attention(qf, k.astype(jnp.float32), v.astype(jnp.float32), valid, compressed,
-                                        config).reshape(batch, seq_len, num_heads, head_dim)
+    if uses_fused_kernel(backend, seq_len, config):
+        selected, kept = _selection(kernels, q, compressed, valid, config, interpret)
+        o_ltis, o_stis = kernels.fused(
+            q, k, v, valid, selected, kept, causal=config.causal, block_size=config.selection_block,
+            window=config.window, sink=config.sink, mask_padded_block_keys=config.mask_padded_block_keys,
+            interpret=interpret)
     else:
-        if n_blocks > 0:
-            mean_query = q.astype(jnp.float32).reshape(batch, seq_len, kv_heads, group, head_dim).mean(3)
-            selected, kept = kernels.select(
-                jax.lax.stop_gradient(mean_query), jax.lax.stop_gradient(compressed),
-                common.block_validity(valid, config), causal=config.causal,
-                num_selected=config.num_selected, block_size=config.selection_block,
-                keep_threshold=config.keep_threshold, scale=1.0 / head_dim ** 0.5, interpret=interpret)
-        else:  # N < s: no compressed block, only the own block (causal) or nothing (bidirectional)
-            selected = jnp.zeros((batch, seq_len, kv_heads, 1), jnp.int32)
-            kept = jnp.zeros((batch, seq_len, kv_heads, 1), jnp.bool_)
-        o_ltis = kernels.ltis(q, k, v, valid, selected, kept, causal=config.causal,
-                              block_size=config.selection_block,
-                              mask_padded_block_keys=config.mask_padded_block_keys, interpret=interpret)
-    o_stis = kernels.stis(q, k, v, valid, causal=config.causal, window=config.window, sink=config.sink,
-                          interpret=interpret)
+        if config.straight_through and compressed.shape[2] > 0:
+            qf = q.astype(jnp.float32).reshape(batch, seq_len, kv_heads, group, head_dim)
+            o_ltis = xla_ops.ltis_attention(qf, k.astype(jnp.float32), v.astype(jnp.float32), valid,
+                                            compressed, config).reshape(batch, seq_len, num_heads, head_dim)
+        else:
+            selected, kept = _selection(kernels, q, compressed, valid, config, interpret)
+            o_ltis = kernels.ltis(q, k, v, valid, selected, kept, causal=config.causal,
+                                  block_size=config.selection_block,
+                                  mask_padded_block_keys=config.mask_padded_block_keys, interpret=interpret)
+        o_stis = kernels.stis(q, k, v, valid, causal=config.causal, window=config.window, sink=config.sink,
+                              interpret=interpret)
     gates = gates.astype(jnp.float32)
     out = gates[..., 0:1] * o_ltis.astype(jnp.float32) + gates[..., 1:2] * o_stis.astype(jnp.float32)
     out = jnp.where(valid[:, :, None, None], out, 0.0)

@@ -1,0 +1,189 @@
+"""GPU benchmark of the fused short-sequence kernel (pallas_kernels/fused_gpu.py) against the split LTIS + STIS
+gather kernels (ltis_gpu.py + stis_gpu.py): correctness, timings, a tile sweep; picks FUSED_MAX_LEN.
+
+1. Correctness on fresh random inputs (compiled on the GPU): the fused kernel's (o_ltis, o_stis) and the
+   gradients w.r.t. q, k, v for a random pair of cotangents against the pure-jnp references
+   (ltis_reference + stis_reference), on the selection kernel's own output; float32 and bfloat16, causal
+   and bidirectional, right padding with short rows. Outputs are compared everywhere (padded rows must be 0).
+2. Timings at ~65,536 tokens (B = tokens // N), H = 8, Hk = 2, d = 16, bf16, causal: fused forward and
+   forward + backward vs split (LTIS + STIS kernels) forward and forward + backward, on the same selection.
+   Medians of --iters calls after --warmup, each ended by ``block_until_ready``; inputs rotate among 3 sets.
+3. --sweep: one-at-a-time variations of the fused tile constants at --sweep-lengths.
+
+Usage (GPU):  python benchmarks/kernels_fused.py [--sweep] [--lengths 50,100,200,...]
+Writes $OUT/kernels_fused.json when $OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from pallas_kernels import fused_gpu, ltis_gpu, ltis_reference, stis_gpu, stis_reference  # noqa: E402
+import kernels_ltis as kl  # noqa: E402  (shared input maker / error metric)
+
+LENGTHS = (50, 100, 200, 256, 512, 1024, 2048)
+INTERPRET = False
+
+
+def _fused(causal, mask_padded=False):
+    def f(q, k, v, valid, sel, kept):
+        return fused_gpu.fused_attention_gpu(q, k, v, valid, sel, kept, causal=causal, block_size=kl.BLOCK,
+                                             mask_padded_block_keys=mask_padded, interpret=INTERPRET)
+    return f
+
+
+def _split(causal, mask_padded=False):
+    def f(q, k, v, valid, sel, kept):
+        o_l = ltis_gpu.ltis_attention_gpu(q, k, v, valid, sel, kept, causal=causal, block_size=kl.BLOCK,
+                                          mask_padded_block_keys=mask_padded, interpret=INTERPRET)
+        o_s = stis_gpu.stis_attention_gpu(q, k, v, valid, causal=causal, interpret=INTERPRET)
+        return o_l, o_s
+    return f
+
+
+def _reference(causal, mask_padded=False):
+    def f(q, k, v, valid, sel, kept):
+        o_l = ltis_reference.ltis_attention_reference(q, k, v, valid, sel, kept, causal=causal,
+                                                      block_size=kl.BLOCK, mask_padded_block_keys=mask_padded)
+        return o_l, stis_reference.stis_attention_reference(q, k, v, valid, causal=causal)
+    return f
+
+
+def _fwd_bwd(f):
+    @jax.jit
+    def g(q, k, v, valid, sel, kept, ct_l, ct_s):
+        (o_l, o_s), vjp = jax.vjp(lambda a, b, c: f(a, b, c, valid, sel, kept), q, k, v)
+        return (o_l, o_s, *vjp((ct_l.astype(o_l.dtype), ct_s.astype(o_s.dtype))))
+    return g
+
+
+def _inputs(seed, bsz, n, dtype, causal, lens=None):
+    x = kl.make_inputs(jax.random.key(seed), bsz, n, kl.H, kl.HK, kl.D, dtype, lens)
+    fns = kl.build_fns(causal)
+    sel, kept = fns["select"](x["qm"], x["ck"], x["bv"])
+    ct_s = jax.random.normal(jax.random.key(seed + 7), x["ct"].shape, jnp.float32).astype(dtype)
+    return (x["q"], x["k"], x["v"], x["valid"], sel, kept), (x["ct"], ct_s)
+
+
+def check(bsz, n, dtype, causal, mask_padded, lens, seed, tol):
+    attn, cts = _inputs(seed, bsz, n, dtype, causal, lens)
+    got = _fwd_bwd(_fused(causal, mask_padded))(*attn, *cts)
+    want = _fwd_bwd(_reference(causal, mask_padded))(*attn, *cts)
+    errs, ok = {}, True
+    for name, a, r in zip(("o_ltis", "o_stis", "dq", "dk", "dv"), got, want):
+        e, finite = kl.rel_err(a, r)
+        errs[name] = e
+        ok = ok and finite and e <= tol
+    valid = attn[3][:, :, None, None]
+    pad_zero = all(bool(jnp.all(jnp.where(valid, 0.0, o.astype(jnp.float32)) == 0)) for o in got[:2])
+    rec = dict(N=n, B=bsz, dtype=jnp.dtype(dtype).name, causal=causal, mask_padded=mask_padded, rel_err=errs,
+               padded_output_zero=pad_zero, ok=bool(ok and pad_zero))
+    print(json.dumps(rec), flush=True)
+    return rec
+
+
+def timeit(fn, arg_sets, warmup, iters):
+    for i in range(warmup):
+        jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
+    ts = []
+    for i in range(iters):
+        args = arg_sets[i % len(arg_sets)]
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return round(statistics.median(ts), 4)
+
+
+def time_length(n, tokens, causal, warmup, iters, variants=("fused", "split")):
+    bsz = max(1, tokens // n)
+    sets = [_inputs(100 * n + i, bsz, n, jnp.bfloat16, causal) for i in range(3)]
+    rec = dict(N=n, B=bsz)
+    for name in variants:
+        f = _fused(causal) if name == "fused" else _split(causal)
+        rec[f"{name}_fwd_ms"] = timeit(jax.jit(f), [a for a, _ in sets], warmup, iters)
+        rec[f"{name}_fwd_bwd_ms"] = timeit(_fwd_bwd(f), [a + c for a, c in sets], warmup, iters)
+    return rec
+
+
+SWEEP = [dict(), dict(ROWS=32), dict(ROWS=128), dict(KEYS=32), dict(KEYS=128), dict(DKV_KEYS=16),
+         dict(DKV_KEYS=64), dict(DKV_ROWS=32), dict(DKV_ROWS=128), dict(NUM_WARPS=2), dict(NUM_WARPS=8)]
+
+
+def main():
+    global INTERPRET
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
+    ap.add_argument("--tokens", type=int, default=65536)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the fused tile constants")
+    ap.add_argument("--sweep-lengths", default="200,512")
+    ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke test, tiny sizes)")
+    args = ap.parse_args()
+    INTERPRET = kl.INTERPRET = args.interpret
+    lengths = [int(s) for s in args.lengths.split(",") if s]
+    defaults = {k: getattr(fused_gpu, k) for k in ("ROWS", "KEYS", "DKV_KEYS", "DKV_ROWS", "NUM_WARPS")}
+    result = dict(device=str(jax.devices()[0]), device_kind=jax.devices()[0].device_kind, jax=jax.__version__,
+                  date=time.strftime("%Y-%m-%d"), tokens=args.tokens, H=kl.H, Hk=kl.HK, d=kl.D,
+                  dtype="bfloat16", causal=True, fused_tiles=defaults, checks=[], timings=[], sweep=[])
+
+    if not args.skip_check:
+        cases = [(2, 17, jnp.float32, True, False, [17, 1], 2e-5),
+                 (3, 50, jnp.float32, True, False, [50, 37, 1], 2e-5),
+                 (3, 50, jnp.float32, False, False, [50, 37, 1], 2e-5),
+                 (2, 130, jnp.float32, False, True, [130, 71], 2e-5),
+                 (4, 200, jnp.bfloat16, True, False, [200, 150, 3, 1], 3e-2),
+                 (2, 512, jnp.bfloat16, True, False, [512, 300], 3e-2),
+                 (2, 512, jnp.bfloat16, False, False, [512, 300], 3e-2)]
+        if args.interpret:
+            cases = cases[:2]
+        for seed, case in enumerate(cases):
+            result["checks"].append(check(*case[:6], seed, case[6]))
+        result["all_checks_ok"] = all(r["ok"] for r in result["checks"])
+
+    for n in lengths:
+        rec = time_length(n, args.tokens, True, args.warmup, args.iters)
+        print(json.dumps(rec), flush=True)
+        result["timings"].append(rec)
+
+    if args.sweep:
+        for n in [int(s) for s in args.sweep_lengths.split(",") if s]:
+            for change in SWEEP:
+                for k, val in {**defaults, **change}.items():
+                    setattr(fused_gpu, k, val)
+                try:
+                    rec = dict(change=change, **time_length(n, args.tokens, True, 3, args.iters // 2,
+                                                            variants=("fused",)))
+                except Exception as e:  # noqa: BLE001 - a tile config that does not compile is a result
+                    rec = dict(change=change, N=n, error=f"{type(e).__name__}: {str(e)[:200]}")
+                print(json.dumps(rec), flush=True)
+                result["sweep"].append(rec)
+        for k, val in defaults.items():
+            setattr(fused_gpu, k, val)
+
+    print("\nN      fused fwd  fused f+b  split fwd  split f+b")
+    for r in result["timings"]:
+        print(f"{r['N']:<6} {r['fused_fwd_ms']:>9} {r['fused_fwd_bwd_ms']:>10} {r['split_fwd_ms']:>10} "
+              f"{r['split_fwd_bwd_ms']:>10}")
+    out = os.environ.get("OUT")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "kernels_fused.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    if not result.get("all_checks_ok", True):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

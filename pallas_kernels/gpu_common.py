@@ -1,0 +1,107 @@
+"""Helpers shared by the Pallas GPU (Triton lowering) kernels: compiler params, integer helpers, the exact
+float32 dot, head-dim padding and the packed-row bookkeeping of (query, head) rows.
+
+Every array a Triton kernel touches must have a power-of-two number of elements and every matmul operand
+dimension must be >= 16; the kernel wrappers round up with these helpers and mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl  # noqa: F401  (re-exported for kernels)
+from jax.experimental.pallas import triton as plgpu
+
+TRITON_CUSTOM_CALL_TARGET = "__gpu$xla.gpu.triton"
+NUM_STAGES = 2
+LOG2E = math.log2(math.e)
+
+# ``CompilerParams`` in current jax, ``TritonCompilerParams`` in older ones. Passing them explicitly also
+# keeps jax 0.10.x from routing a GPU pallas_call to Mosaic GPU.
+_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+
+
+def compiler_params(num_warps: int, num_stages: int = NUM_STAGES):
+    return _CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def floor_pow2(x: int) -> int:
+    return 1 << (max(int(x), 1).bit_length() - 1)
+
+
+def idiv(x, c: int):
+    """Truncating integer division of a non-negative traced int32 by a static int (lowers to one op)."""
+    return lax.div(x, jnp.full_like(x, c))
+
+
+def irem(x, c: int):
+    return lax.rem(x, jnp.full_like(x, c))
+
+
+def dot(a, b, trans_a: bool = False, trans_b: bool = False):
+    """2-D matmul with float32 accumulation. float32 operands use exact (IEEE) products: without an explicit
+    precision the GPU default can be TF32 (seen with jax 0.11.2: ~1e-3 relative error, and selections that
+    differ from the float32 reference)."""
+    exact = a.dtype == jnp.float32 and b.dtype == jnp.float32
+    return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b,
+                     precision=lax.Precision.HIGHEST if exact else None)
+
+
+def padded_head_dim(d: int) -> int:
+    return max(16, next_pow2(d))
+
+
+def pad_last(x: jax.Array, size: int) -> jax.Array:
+    if x.shape[-1] == size:
+        return x
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
+
+
+def pad_head_dim(q: jax.Array, k: jax.Array, v: jax.Array):
+    """Zero-pads d to ``padded_head_dim(d)``. Zero features change no dot product; the softmax scale must
+    stay 1/sqrt(d), so the ratio is folded into q. Returns (q, k, v, d, padded d)."""
+    d = q.shape[-1]
+    dp = padded_head_dim(d)
+    if dp != d:
+        q = pad_last(q * jnp.asarray(math.sqrt(dp / d), q.dtype), dp)
+        k, v = pad_last(k, dp), pad_last(v, dp)
+    return q, k, v, d, dp
+
+
+class Rows:
+    """Packed-row bookkeeping of a program that owns BQ consecutive queries of one kv group: row
+    r = (query q0 + r // G, head r % G), which is the memory order of ``q[b, q0:q0+BQ, h*G:(h+1)*G, :]``.
+    ``rp`` (>= 16, a power of two) may exceed BQ * G; the extra rows are out of bounds."""
+
+    def __init__(self, q0, *, bq, rp, g, seq_len, valid_ref):
+        r = jnp.arange(rp, dtype=jnp.int32)
+        self.j = idiv(r, g)  # local query
+        self.g = irem(r, g)
+        self.qi = q0 + self.j
+        self.in_bounds = (r < bq * g) & (self.qi < seq_len)
+        self.qi_c = jnp.where(self.in_bounds, self.qi, 0)
+        self.ok = self.in_bounds & (valid_ref[self.qi_c] != 0)
+
+    def load(self, ref, d, other=0.0):
+        c = jnp.arange(d, dtype=jnp.int32)[None, :]
+        return plgpu.load(ref.at[self.qi_c[:, None], self.g[:, None], c], mask=self.ok[:, None], other=other)
+
+    def load_row(self, ref):
+        return plgpu.load(ref.at[self.qi_c, self.g], mask=self.ok, other=0.0)
+
+    # Stores index with the unclamped query: a masked-out row must not alias a real row of the same store
+    # (the interpreter discharges a masked scatter as read-select-write; out-of-range writes are dropped).
+    def store(self, ref, val):
+        d = val.shape[1]
+        c = jnp.arange(d, dtype=jnp.int32)[None, :]
+        plgpu.store(ref.at[self.qi[:, None], self.g[:, None], c], val, mask=self.in_bounds[:, None])
+
+    def store_row(self, ref, val):
+        plgpu.store(ref.at[self.qi, self.g], val, mask=self.in_bounds)
