@@ -49,13 +49,16 @@ from pallas_kernels import gpu_common as gc
 from pallas_kernels.ltis_reference import ltis_attention_reference  # noqa: F401  (reference beside kernel)
 from pallas_kernels.stis_reference import stis_attention_reference  # noqa: F401
 
-__all__ = ["fused_attention_gpu", "FUSED_MAX_LEN"]
+__all__ = ["fused_attention_gpu", "FUSED_MAX_LEN", "FUSED_MAX_LEN_BIDIRECTIONAL", "max_len"]
 
 # Longest sequence for which ``blossom_jax.ops.pallas`` uses this kernel on GPU (longer ones take the
 # gather kernels, whose work per query does not grow with N). Measured on an H200 (bf16, causal, 65,536
 # tokens, LTIS + STIS fwd+bwd, benchmarks/results/kernels_fused_h200_2026-11-27.json): fused 0.71 / 1.07 /
 # 1.80 / 2.81 ms at N = 50 / 200 / 512 / 1024 against 2.0 ms for the split kernels at every N.
 FUSED_MAX_LEN = 512
+# Bidirectional mode walks every key tile, twice the causal work at the same N, so its limit is taken at half
+# the causal one (derived from the causal crossover, not measured separately).
+FUSED_MAX_LEN_BIDIRECTIONAL = 256
 # Tiles, from a one-at-a-time sweep at N = 256 on the H200 (same file): packed (query, head) rows per forward /
 # dQ program and keys per streamed score tile (32 beat 64 and 128) ...
 ROWS = 64
@@ -65,6 +68,11 @@ KEYS = 32
 DKV_KEYS = 32
 DKV_ROWS = 64
 NUM_WARPS = 4
+
+
+def max_len(causal: bool) -> int:
+    """Longest N for which the fused kernel is the faster choice (read at trace time, so tests can lower it)."""
+    return FUSED_MAX_LEN if causal else FUSED_MAX_LEN_BIDIRECTIONAL
 
 
 def _tiles(g: int) -> tuple[int, int]:
@@ -387,21 +395,11 @@ def fused_attention_gpu(
     Returns:
       (o_ltis, o_stis), each [B, N, H, d] in q.dtype; 0 at invalid queries and where a key set is empty.
     """
-    bsz, n, h, d = q.shape
-    if k.shape != v.shape or k.shape[:2] != (bsz, n) or k.shape[3] != d:
-        raise ValueError(f"k {k.shape} / v {v.shape} do not match q {q.shape}")
-    hk = k.shape[2]
-    if h % hk:
-        raise ValueError(f"num heads {h} is not a multiple of kv heads {hk}")
-    if selected_blocks.shape[:3] != (bsz, n, hk) or kept.shape != selected_blocks.shape:
-        raise ValueError(f"selected_blocks {selected_blocks.shape} / kept {kept.shape} mismatch")
+    gc.check_attention_shapes(q, k, v, selected_blocks, kept)
     if int(block_size) < 1 or int(window) < 1:
         raise ValueError(f"block_size and window must be >= 1, got {block_size}, {window}")
-    nc = n // int(block_size)
-    sel = selected_blocks.astype(jnp.int32)
-    kept_b = kept.astype(bool) & (sel >= 0) & (sel < nc)
-    sel_enc = lax.stop_gradient(jnp.where(kept_b, sel, -1))
-    valid_i = lax.stop_gradient(valid.astype(jnp.int32))
+    sel_enc, valid_i = gc.encode_selection(selected_blocks, kept, valid, seq_len=q.shape[1],
+                                           block_size=int(block_size))
     q, k, v, d, dp = gc.pad_head_dim(q, k, v)
     opts = (bool(causal), int(block_size), int(window), bool(sink), bool(mask_padded_block_keys))
     o_l, o_s = _fused(q, k, v, valid_i, sel_enc, opts, bool(interpret))

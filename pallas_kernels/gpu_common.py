@@ -75,6 +75,38 @@ def pad_head_dim(q: jax.Array, k: jax.Array, v: jax.Array):
     return q, k, v, d, dp
 
 
+def check_attention_shapes(q, k, v, selected_blocks, kept) -> None:
+    """ValueError unless q [B, N, H, d], k = v [B, N, Hk, d] with Hk | H, selected/kept [B, N, Hk, n]."""
+    bsz, n, h, d = q.shape
+    if k.shape != v.shape or k.shape[:2] != (bsz, n) or k.shape[3] != d:
+        raise ValueError(f"k {k.shape} / v {v.shape} do not match q {q.shape}")
+    hk = k.shape[2]
+    if h % hk:
+        raise ValueError(f"num heads {h} is not a multiple of kv heads {hk}")
+    if selected_blocks.shape[:3] != (bsz, n, hk) or kept.shape != selected_blocks.shape:
+        raise ValueError(f"selected_blocks {selected_blocks.shape} / kept {kept.shape} mismatch")
+    check_grid_batch(bsz)
+
+
+# The kernels' grids are (tiles, batch, kv heads): CUDA limits the second and third grid dimensions.
+MAX_GRID_BATCH = 65535
+
+
+def check_grid_batch(batch: int) -> None:
+    if batch > MAX_GRID_BATCH:
+        raise ValueError(f"batch {batch} exceeds the CUDA grid limit of {MAX_GRID_BATCH} sequences per kernel "
+                         "call; split the batch")
+
+
+def encode_selection(selected_blocks, kept, valid, *, seq_len: int, block_size: int):
+    """(sel_enc int32 [B, N, Hk, n]: the block index where kept and in range, else -1; valid int32 [B, N]),
+    both without gradient: the kernels' integer inputs."""
+    sel = selected_blocks.astype(jnp.int32)
+    kept_b = kept.astype(bool) & (sel >= 0) & (sel < seq_len // block_size)
+    sel_enc = lax.stop_gradient(jnp.where(kept_b, sel, -1))
+    return sel_enc, lax.stop_gradient(valid.astype(jnp.int32))
+
+
 class Rows:
     """Packed-row bookkeeping of a program that owns BQ consecutive queries of one kv group: row
     r = (query q0 + r // G, head r % G), which is the memory order of ``q[b, q0:q0+BQ, h*G:(h+1)*G, :]``.

@@ -236,6 +236,7 @@ def select_blocks_gpu(
         raise ValueError(f"num_selected must be >= 1, got {num_selected}")
     if compressed_keys.shape != (bsz, hk, nc, d):
         raise ValueError(f"compressed_keys shape {compressed_keys.shape} != {(bsz, hk, nc, d)}")
+    gpu_common.check_grid_batch(bsz)
     if nc == 0:
         z = jnp.zeros((bsz, n, hk, n_sel), jnp.int32)
         return z, z.astype(bool)
@@ -631,27 +632,13 @@ def ltis_attention_gpu(
     Returns:
       o [B, N, H, d] in q.dtype, 0 at invalid queries and where the key set is empty.
     """
-    bsz, n, h, d = q.shape
-    if k.shape != v.shape or k.shape[:2] != (bsz, n) or k.shape[3] != d:
-        raise ValueError(f"k {k.shape} / v {v.shape} do not match q {q.shape}")
-    hk = k.shape[2]
-    if h % hk:
-        raise ValueError(f"num heads {h} is not a multiple of kv heads {hk}")
+    gpu_common.check_attention_shapes(q, k, v, selected_blocks, kept)
     b = int(block_size)
     if b < 16 or b & (b - 1):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
-    if selected_blocks.shape[:3] != (bsz, n, hk) or kept.shape != selected_blocks.shape:
-        raise ValueError(f"selected_blocks {selected_blocks.shape} / kept {kept.shape} mismatch")
-    nc = n // b
-    sel = selected_blocks.astype(jnp.int32)
-    kept_b = kept.astype(bool) & (sel >= 0) & (sel < nc)
-    sel_enc = lax.stop_gradient(jnp.where(kept_b, sel, -1))
-    valid_i = lax.stop_gradient(valid.astype(jnp.int32))
-    dp = _padded_head_dim(d)
-    if dp != d:
-        # zero features change no dot product; the softmax scale must stay 1/sqrt(d): fold the ratio into q
-        q = _pad_last(q * jnp.asarray(math.sqrt(dp / d), q.dtype), dp)
-        k, v = _pad_last(k, dp), _pad_last(v, dp)
+    sel_enc, valid_i = gpu_common.encode_selection(selected_blocks, kept, valid, seq_len=q.shape[1],
+                                                   block_size=b)
+    q, k, v, d, dp = gpu_common.pad_head_dim(q, k, v)
     o = _ltis_attention(q, k, v, valid_i, sel_enc, bool(causal), b, bool(mask_padded_block_keys),
                         bool(interpret))
     return o[..., :d] if dp != d else o

@@ -53,6 +53,7 @@ def test_pallas_impl_matches_reference(backend, causal, seq_len, num_heads, num_
         from pallas_kernels import fused_gpu
 
         monkeypatch.setattr(fused_gpu, "FUSED_MAX_LEN", 0)
+        monkeypatch.setattr(fused_gpu, "FUSED_MAX_LEN_BIDIRECTIONAL", 0)
         backend = "gpu"
     config = AttentionConfig(num_heads=num_heads, num_kv_heads=num_kv_heads, causal=causal, **extra)
     inputs = random_attention_inputs(config, 2, seq_len, seed=seq_len + num_heads, dtype=dtype)
@@ -94,8 +95,13 @@ def test_fused_kernel_policy(monkeypatch):
     assert not pallas_ops.uses_fused_kernel("gpu", fused_gpu.FUSED_MAX_LEN + 1, config)
     assert not pallas_ops.uses_fused_kernel("gpu", 50, AttentionConfig(straight_through=True))
     assert not pallas_ops.uses_fused_kernel("tpu", 50, config)
+    bidirectional = AttentionConfig(causal=False)
+    assert pallas_ops.uses_fused_kernel("gpu", fused_gpu.FUSED_MAX_LEN_BIDIRECTIONAL, bidirectional)
+    assert not pallas_ops.uses_fused_kernel("gpu", fused_gpu.FUSED_MAX_LEN_BIDIRECTIONAL + 1, bidirectional)
     monkeypatch.setattr(fused_gpu, "FUSED_MAX_LEN", 0)
+    monkeypatch.setattr(fused_gpu, "FUSED_MAX_LEN_BIDIRECTIONAL", 0)
     assert not pallas_ops.uses_fused_kernel("gpu", 1, config)
+    assert not pallas_ops.uses_fused_kernel("gpu", 1, bidirectional)
 
 
 def test_auto_policy():

@@ -118,6 +118,12 @@ def test_argument_checks():
     with pytest.raises(ValueError, match="mismatch"):
         fused_gpu.fused_attention_gpu(q, kv, kv, jnp.ones((1, 20), bool), sel, sel[..., :2].astype(bool),
                                       interpret=True)
+    with pytest.raises(ValueError, match="CUDA grid"):
+        big = jax.ShapeDtypeStruct((70000, 4, 8, 16), jnp.bfloat16)
+        big_kv = jax.ShapeDtypeStruct((70000, 4, 2, 16), jnp.bfloat16)
+        big_sel = jax.ShapeDtypeStruct((70000, 4, 2, 4), jnp.int32)
+        jax.eval_shape(lambda a, b, c, s_: fused_gpu.fused_attention_gpu(
+            a, b, c, jnp.ones((70000, 4), bool), s_, s_ >= 0), big, big_kv, big_kv, big_sel)
     with pytest.raises(ValueError, match="do not match"):
         fused_gpu.fused_attention_gpu(q, kv[:, :10], kv[:, :10], jnp.ones((1, 20), bool), sel, sel.astype(bool),
                                       interpret=True)

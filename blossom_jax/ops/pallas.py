@@ -6,8 +6,9 @@ One kernel API, one module per backend: ``pallas_kernels.{stis,ltis}_gpu`` (Pall
   2. kernel: fused compressed scoring + running top-n selection (no gradient, as the reference);
   3. kernel: LTIS attention over the kept blocks + own block (custom_vjp, flash-style backward);
   4. kernel: STIS power-pattern attention (custom_vjp; its backward is a gather by inverse offsets);
-     on GPU, for N <= ``fused_gpu.FUSED_MAX_LEN``, 3 and 4 are one kernel over dense key tiles that
-     evaluates both key sets as masks of one score tile (``pallas_kernels.fused_gpu``);
+     on GPU, for N <= ``fused_gpu.max_len(causal)`` (512 causal, 256 bidirectional), 3 and 4 are one
+     kernel over dense key tiles that evaluates both key sets as masks of one score tile
+     (``pallas_kernels.fused_gpu``);
   5. XLA: the gate mix.
 With ``straight_through=True`` the LTIS part runs on the xla path (it needs the selection probabilities'
 gradient, which the kernels do not produce); STIS still uses its kernel.
@@ -104,9 +105,10 @@ def _selection(kernels, q, compressed, valid, config, interpret):
 
 def uses_fused_kernel(backend: str, seq_len: int, config: AttentionConfig) -> bool:
     """Whether LTIS and STIS run as one dense-tile kernel (``pallas_kernels.fused_gpu``): on GPU up to
-    ``FUSED_MAX_LEN`` positions, unless the straight-through option needs the xla LTIS path."""
+    ``FUSED_MAX_LEN`` positions (causal; ``FUSED_MAX_LEN_BIDIRECTIONAL`` otherwise), unless the
+    straight-through option needs the xla LTIS path."""
     kernels = _kernels(backend)
-    return (kernels.fused is not None and seq_len <= kernels.fused_module.FUSED_MAX_LEN
+    return (kernels.fused is not None and seq_len <= kernels.fused_module.max_len(config.causal)
             and not config.straight_through)
 
 
