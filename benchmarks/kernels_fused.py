@@ -8,9 +8,12 @@ gather kernels (ltis_gpu.py + stis_gpu.py): correctness, timings, a tile sweep; 
 2. Timings at ~65,536 tokens (B = tokens // N), H = 8, Hk = 2, d = 16, bf16, causal: fused forward and
    forward + backward vs split (LTIS + STIS kernels) forward and forward + backward, on the same selection.
    Medians of --iters calls after --warmup, each ended by ``block_until_ready``; inputs rotate among 3 sets.
-3. --sweep: one-at-a-time variations of the fused tile constants at --sweep-lengths.
+3. --sweep: one-at-a-time variations of the fused kernel's constants at --sweep-lengths (tiles, warps,
+   pipeline stages, and MAX_BITMASK_BLOCKS=0: kept blocks tested by comparison instead of a bitmask).
+4. --baseline-module FILE: another version of fused_gpu.py (e.g. ``git show HEAD~1:pallas_kernels/fused_gpu.py``)
+   timed in the same process as "baseline", for before/after numbers on the same card.
 
-Usage (GPU):  python benchmarks/kernels_fused.py [--sweep] [--lengths 50,100,200,...]
+Usage (GPU):  python benchmarks/kernels_fused.py [--sweep] [--lengths 50,100,200,...] [--baseline-module F]
 Writes $OUT/kernels_fused.json when $OUT is set.
 """
 
@@ -33,11 +36,23 @@ import kernels_ltis as kl  # noqa: E402  (shared input maker / error metric)
 
 LENGTHS = (50, 100, 200, 256, 512, 1024, 2048)
 INTERPRET = False
+BASELINE = None  # module loaded from --baseline-module
 
 
-def _fused(causal, mask_padded=False):
+def _load_module(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fused_gpu_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fused(causal, mask_padded=False, module=None):
+    kernel_module = module or fused_gpu
+
     def f(q, k, v, valid, sel, kept):
-        return fused_gpu.fused_attention_gpu(q, k, v, valid, sel, kept, causal=causal, block_size=kl.BLOCK,
+        return kernel_module.fused_attention_gpu(q, k, v, valid, sel, kept, causal=causal, block_size=kl.BLOCK,
                                              mask_padded_block_keys=mask_padded, interpret=INTERPRET)
     return f
 
@@ -104,23 +119,34 @@ def timeit(fn, arg_sets, warmup, iters):
     return round(statistics.median(ts), 4)
 
 
-def time_length(n, tokens, causal, warmup, iters, variants=("fused", "split")):
+def _random_lengths(seed, bsz, n):
+    """Right-padded rows with lengths uniform in [1, N] (about half the tokens are padding)."""
+    return jax.random.randint(jax.random.key(seed), (bsz,), 1, n + 1)
+
+
+def time_length(n, tokens, causal, warmup, iters, variants=("fused", "split"), padded=False):
     bsz = max(1, tokens // n)
-    sets = [_inputs(100 * n + i, bsz, n, jnp.bfloat16, causal) for i in range(3)]
-    rec = dict(N=n, B=bsz)
+    sets = [_inputs(100 * n + i, bsz, n, jnp.bfloat16, causal,
+                    _random_lengths(100 * n + i, bsz, n) if padded else None) for i in range(3)]
+    rec = dict(N=n, B=bsz, padded=padded)
     for name in variants:
-        f = _fused(causal) if name == "fused" else _split(causal)
+        if name == "baseline" and BASELINE is None:
+            continue
+        f = {"fused": lambda: _fused(causal), "baseline": lambda: _fused(causal, module=BASELINE),
+             "split": lambda: _split(causal)}[name]()
         rec[f"{name}_fwd_ms"] = timeit(jax.jit(f), [a for a, _ in sets], warmup, iters)
         rec[f"{name}_fwd_bwd_ms"] = timeit(_fwd_bwd(f), [a + c for a, c in sets], warmup, iters)
     return rec
 
 
 SWEEP = [dict(), dict(ROWS=32), dict(ROWS=128), dict(KEYS=32), dict(KEYS=128), dict(DKV_KEYS=16),
-         dict(DKV_KEYS=64), dict(DKV_ROWS=32), dict(DKV_ROWS=128), dict(NUM_WARPS=2), dict(NUM_WARPS=8)]
+         dict(DKV_KEYS=64), dict(DKV_ROWS=32), dict(DKV_ROWS=128), dict(NUM_WARPS=2), dict(NUM_WARPS=8),
+         dict(NUM_STAGES=1), dict(NUM_STAGES=3), dict(MAX_BITMASK_BLOCKS=0)]
+TUNABLES = ("ROWS", "KEYS", "DKV_KEYS", "DKV_ROWS", "NUM_WARPS", "NUM_STAGES", "MAX_BITMASK_BLOCKS")
 
 
 def main():
-    global INTERPRET
+    global INTERPRET, BASELINE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     ap.add_argument("--tokens", type=int, default=65536)
@@ -130,10 +156,16 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also sweep the fused tile constants")
     ap.add_argument("--sweep-lengths", default="200,512")
     ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke test, tiny sizes)")
+    ap.add_argument("--padded", action="store_true",
+                    help="also time right-padded batches (lengths uniform in [1, N], as benchmarks/train_step.py)")
+    ap.add_argument("--baseline-module", default=None,
+                    help="another fused_gpu.py to time beside this one (before/after on the same card)")
     args = ap.parse_args()
+    if args.baseline_module:
+        BASELINE = _load_module(args.baseline_module)
     INTERPRET = kl.INTERPRET = args.interpret
     lengths = [int(s) for s in args.lengths.split(",") if s]
-    defaults = {k: getattr(fused_gpu, k) for k in ("ROWS", "KEYS", "DKV_KEYS", "DKV_ROWS", "NUM_WARPS")}
+    defaults = {k: getattr(fused_gpu, k) for k in TUNABLES}
     result = dict(device=str(jax.devices()[0]), device_kind=jax.devices()[0].device_kind, jax=jax.__version__,
                   date=time.strftime("%Y-%m-%d"), tokens=args.tokens, H=kl.H, Hk=kl.HK, d=kl.D,
                   dtype="bfloat16", causal=True, fused_tiles=defaults, checks=[], timings=[], sweep=[])
@@ -153,9 +185,11 @@ def main():
         result["all_checks_ok"] = all(r["ok"] for r in result["checks"])
 
     for n in lengths:
-        rec = time_length(n, args.tokens, True, args.warmup, args.iters)
-        print(json.dumps(rec), flush=True)
-        result["timings"].append(rec)
+        for padded in (False, True) if args.padded else (False,):
+            rec = time_length(n, args.tokens, True, args.warmup, args.iters,
+                              variants=("fused", "baseline", "split"), padded=padded)
+            print(json.dumps(rec), flush=True)
+            result["timings"].append(rec)
 
     if args.sweep:
         for n in [int(s) for s in args.sweep_lengths.split(",") if s]:
@@ -163,7 +197,7 @@ def main():
                 for k, val in {**defaults, **change}.items():
                     setattr(fused_gpu, k, val)
                 try:
-                    rec = dict(change=change, **time_length(n, args.tokens, True, 3, args.iters // 2,
+                    rec = dict(change=change, **time_length(n, args.tokens, True, 3, max(1, args.iters // 2),
                                                             variants=("fused",)))
                 except Exception as e:  # noqa: BLE001 - a tile config that does not compile is a result
                     rec = dict(change=change, N=n, error=f"{type(e).__name__}: {str(e)[:200]}")
@@ -172,10 +206,10 @@ def main():
         for k, val in defaults.items():
             setattr(fused_gpu, k, val)
 
-    print("\nN      fused fwd  fused f+b  split fwd  split f+b")
+    print("\nN      padded  fused fwd  fused f+b  split fwd  split f+b  baseline fwd  baseline f+b")
     for r in result["timings"]:
-        print(f"{r['N']:<6} {r['fused_fwd_ms']:>9} {r['fused_fwd_bwd_ms']:>10} {r['split_fwd_ms']:>10} "
-              f"{r['split_fwd_bwd_ms']:>10}")
+        print(f"{r['N']:<6} {str(r['padded']):<7} {r['fused_fwd_ms']:>9} {r['fused_fwd_bwd_ms']:>10} {r['split_fwd_ms']:>10} "
+              f"{r['split_fwd_bwd_ms']:>10} {r.get('baseline_fwd_ms', '-'):>13} {r.get('baseline_fwd_bwd_ms', '-'):>13}")
     out = os.environ.get("OUT")
     if out:
         os.makedirs(out, exist_ok=True)

@@ -5,16 +5,24 @@ Every experiment is one ``blossom-train`` run, built from the same flags the CLI
 the same shape share their compiled programs (``train.loop.build_program`` is cached; seeds 2020/2021/2022
 compile once). After each run the best parameters are also evaluated on the test split with full ranking.
 
-Experiments are named ``<data>-n<max_len>-<model>-s<seed>``:
+Experiments are named ``<data>-n<max_len>-<model>[-allpos]-s<seed>``:
 
-    ml1m-n200-{blossom,dense}-s{2020,2021,2022}     ML-1M (ml-1m_full.txt), N = 200
-    ml1m-n50-{blossom,dense}-s{2020,2021,2022}      ML-1M, N = 50
-    beauty-n50-{blossom,dense}-s{2020,2021,2022}    Amazon Beauty (Beauty.txt), N = 50
-    bundled-n20-{blossom,dense}-s2020               the bundled synthetic data (CPU smoke test)
+    ml1m-n200-{blossom,dense}-s{2020,2021,2022}         ML-1M (ml-1m_full.txt), N = 200
+    ml1m-n200-{blossom,dense}-allpos-s{2020,2021,2022}  the same with the all-positions objective (issue 8)
+    ml1m-n50-{blossom,dense}-s{2020,2021,2022}          ML-1M, N = 50
+    beauty-n50-{blossom,dense}-s{2020,2021,2022}        Amazon Beauty (Beauty.txt), N = 50
+    bundled-n20-{blossom,dense}[-allpos]-s2020          the bundled synthetic data (CPU smoke test)
 
-Defaults: bfloat16 compute, prefix objective (the reference's training examples), batch 2048, uni100
-validation (early stopping on NDCG@10, patience 15) and test, plus full-ranking test; epoch cap 12 for
-ML-1M (the previous H100 session's runs), 200 for Beauty (early stopping ends it sooner), 3 for bundled.
+Defaults: bfloat16 compute, uni100 validation (early stopping on NDCG@10, patience 15) and test, plus
+full-ranking test.
+* prefix objective (the reference's training examples): batch 2048; epoch cap 12 for ML-1M (valid NDCG@10
+  is flat from epoch ~9 on), 200 for Beauty (early stopping ends it sooner), 3 for bundled.
+* all-positions objective (one window per user, loss at every position): batch 256, since an ML-1M epoch
+  is only ~6k windows (25 steps of 256); epoch cap 200 (early stopping ends it sooner), 3 for bundled.
+
+Several GPUs: ``--devices K`` runs the experiments in K child processes of this script, one GPU each
+(``CUDA_VISIBLE_DEVICES``), longest expected runs first, and merges their rows into one summary.json and
+one runs.tar.gz.
 
 Output (``--out``, e.g. $OUT; the device tool returns at most 8 files, so by default only two):
     summary.json   meta (device, jax, date, argv) and one row per run: model, data, max_len, seed,
@@ -27,9 +35,12 @@ Time budget: no run starts once ``--time-budget-s`` seconds have passed, or when
 ``--min-run-s`` is left; a run in progress stops at an epoch boundary when its next epoch would end after the
 budget, and is then evaluated from its best checkpoint (``stop_reason: "time_budget"``).
 
-Usage (one H100, ~8 minutes per call):
+Usage (one H100, ~8 minutes per call; four GPUs):
     python benchmarks/reproduce.py --data-root .devdata --out $OUT --time-budget-s 470 \\
         --only 'ml1m-n200-*-s2020'
+    python benchmarks/reproduce.py --data-root .devdata --out $OUT --time-budget-s 500 --devices 4 \\
+        --only 'ml1m-n200-*-s2021,beauty-n50-*-s2021,ml1m-n200-*-allpos-s2020'
+(a glob like ``ml1m-n200-*-s2021`` matches the ``-allpos-`` runs too.)
 CPU smoke test:
     python benchmarks/reproduce.py --only 'bundled-*' --max-epochs 2 --out /tmp/repro
 """
@@ -45,6 +56,7 @@ import logging
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -57,8 +69,16 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pa
 import jax  # noqa: E402
 
 DATA_FILES = {"ml1m": "ml-1m_full.txt", "beauty": "Beauty.txt", "bundled": None}
-DEFAULT_EPOCHS = {"ml1m": 12, "beauty": 200, "bundled": 3}
+DEFAULT_EPOCHS = {("ml1m", "prefix"): 12, ("beauty", "prefix"): 200, ("ml1m", "all-positions"): 200,
+                  ("bundled", "prefix"): 3, ("bundled", "all-positions"): 3}
+DEFAULT_BATCH = {"prefix": 2048, "all-positions": 256}
+# Rough H100 minutes of one run (training to the epoch cap + full-ranking test), to balance --devices.
+EXPECTED_MINUTES = {("ml1m", 200, "dense", "prefix"): 4.0, ("ml1m", 200, "blossom", "prefix"): 2.6,
+                    ("ml1m", 200, "dense", "all-positions"): 2.5, ("ml1m", 200, "blossom", "all-positions"): 2.5,
+                    ("ml1m", 50, "dense", "prefix"): 1.1, ("ml1m", 50, "blossom", "prefix"): 1.0,
+                    ("beauty", 50, "dense", "prefix"): 0.8, ("beauty", 50, "blossom", "prefix"): 0.8}
 MODELS = ("blossom", "dense")
+OBJECTIVE_SUFFIX = {"prefix": "", "all-positions": "-allpos"}
 SEEDS = (2020, 2021, 2022)
 KEY_METRICS = ("ndcg@10", "recall@10", "mrr@10")
 RUN_FILES = ("results.json", "metrics.jsonl", "train.log", "config.yaml", "data_stats.json")
@@ -68,22 +88,30 @@ log = logging.getLogger("reproduce")
 
 @dataclass(frozen=True)
 class Experiment:
-    """One training run: dataset key (``DATA_FILES``), sequence length, attention kind, seed."""
+    """One training run: dataset key (``DATA_FILES``), sequence length, attention kind, seed, objective."""
 
     data: str
     max_len: int
     model: str
     seed: int
+    objective: str = "prefix"
 
     @property
     def name(self) -> str:
-        return f"{self.data}-n{self.max_len}-{self.model}-s{self.seed}"
+        return f"{self.data}-n{self.max_len}-{self.model}{OBJECTIVE_SUFFIX[self.objective]}-s{self.seed}"
+
+    @property
+    def expected_minutes(self) -> float:
+        return EXPECTED_MINUTES.get((self.data, self.max_len, self.model, self.objective), 1.0)
 
 
 def all_experiments() -> list[Experiment]:
     """Every named experiment, in the default running order."""
-    plan = [("ml1m", 200, SEEDS), ("ml1m", 50, SEEDS), ("beauty", 50, SEEDS), ("bundled", 20, (2020,))]
-    return [Experiment(data, n, model, seed) for data, n, seeds in plan for seed in seeds for model in MODELS]
+    plan = [("ml1m", 200, "prefix", SEEDS), ("ml1m", 200, "all-positions", SEEDS), ("ml1m", 50, "prefix", SEEDS),
+            ("beauty", 50, "prefix", SEEDS), ("bundled", 20, "prefix", (2020,)),
+            ("bundled", 20, "all-positions", (2020,))]
+    return [Experiment(data, n, model, seed, objective)
+            for data, n, objective, seeds in plan for seed in seeds for model in MODELS]
 
 
 def select_experiments(experiments: list[Experiment], only: str | None) -> list[Experiment]:
@@ -101,14 +129,13 @@ def select_experiments(experiments: list[Experiment], only: str | None) -> list[
 def train_argv(exp: Experiment, run_dir: str, data_root: str, args: argparse.Namespace) -> list[str]:
     """The blossom-train flags of ``exp``."""
     argv = ["--out", run_dir, "--max-len", str(exp.max_len), "--attention", exp.model,
-            "--seed", str(exp.seed), "--epochs", str(args.max_epochs or DEFAULT_EPOCHS[exp.data]),
-            "--objective", args.objective, "--eval-protocol", "uni100", "--no-progress", "--no-tensorboard"]
+            "--seed", str(exp.seed), "--epochs", str(args.max_epochs or DEFAULT_EPOCHS[exp.data, exp.objective]),
+            "--objective", exp.objective, "--batch-size", str(args.batch_size or DEFAULT_BATCH[exp.objective]),
+            "--eval-protocol", "uni100", "--no-progress", "--no-tensorboard"]
     if DATA_FILES[exp.data] is not None:
         argv = ["--data", os.path.join(data_root, DATA_FILES[exp.data])] + argv
     if args.dtype:
         argv += ["--dtype", args.dtype]
-    if args.batch_size:
-        argv += ["--batch-size", str(args.batch_size)]
     if args.patience:
         argv += ["--patience", str(args.patience)]
     if exp.model == "dense" and args.dense_attention_dropout is not None:
@@ -254,11 +281,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--list", action="store_true", help="print the experiment names and exit")
     p.add_argument("--max-epochs", type=int, default=None,
                    help="epoch cap of every run (default: 12 ML-1M, 200 Beauty, 3 bundled)")
-    p.add_argument("--batch-size", type=int, default=None, help="training batch size (default 2048)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="training batch size (default 2048 prefix, 256 all-positions)")
     p.add_argument("--patience", type=int, default=None, help="early-stopping patience (default 15)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help="compute dtype")
-    p.add_argument("--objective", choices=("prefix", "all-positions"), default="prefix",
-                   help="training examples (default prefix, the reference's)")
+    p.add_argument("--devices", type=int, default=1,
+                   help="run the experiments in this many child processes, one GPU each (default 1: here)")
     p.add_argument("--dense-attention-dropout", type=float, default=None,
                    help="attention dropout of the dense model (default: the config's 0.2, whose training "
                         "path materialises the probabilities; 0 lets it use cuDNN flash attention)")
@@ -274,12 +302,99 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def assign_devices(experiments: list[Experiment], devices: int) -> list[list[Experiment]]:
+    """Splits the experiments over ``devices`` queues: longest expected run first, onto the least loaded queue."""
+    queues: list[list[Experiment]] = [[] for _ in range(devices)]
+    loads = [0.0] * devices
+    for exp in sorted(experiments, key=lambda e: -e.expected_minutes):
+        i = loads.index(min(loads))
+        queues[i].append(exp)
+        loads[i] += exp.expected_minutes
+    return [q for q in queues if q]
+
+
+def child_argv(argv: Sequence[str], names: list[str], out: str, work_dir: str) -> list[str]:
+    """This invocation's flags for one child process: its own --only, --out and --work-dir, no --devices."""
+    drop_with_value = {"--only", "--out", "--work-dir", "--devices"}
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        flag = item.split("=", 1)[0]
+        if flag in drop_with_value:
+            skip = "=" not in item
+            continue
+        kept.append(item)
+    return kept + ["--only", ",".join(names), "--out", out, "--work-dir", work_dir]
+
+
+def run_on_devices(args: argparse.Namespace, argv: Sequence[str], experiments: list[Experiment],
+                   work_dir: str) -> int:
+    """Runs the experiments in one child process per GPU and merges their outputs into ``args.out``."""
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    queues = assign_devices(experiments, args.devices)
+    # This process only counts the GPUs: keep XLA from preallocating most of each one's memory here.
+    child_env = dict(os.environ)
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    visible = jax.local_devices()
+    if len(visible) < len(queues):
+        raise ValueError(f"--devices {args.devices}: only {len(visible)} local device(s) here")
+    children = []
+    for i, queue in enumerate(queues):
+        part = os.path.join(work_dir, f"part{i}")
+        os.makedirs(part, exist_ok=True)
+        cmd = [sys.executable, os.path.abspath(__file__)] + child_argv(argv, [e.name for e in queue],
+                                                                      os.path.join(part, "out"), part)
+        env = dict(child_env, CUDA_VISIBLE_DEVICES=str(visible[i].id))
+        log_file = open(os.path.join(part, "console.log"), "w", encoding="utf-8")
+        print(f"device {visible[i].id}: {', '.join(e.name for e in queue)}", flush=True)
+        children.append((subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT), log_file, part))
+    codes = []
+    for proc, log_file, _ in children:
+        codes.append(proc.wait())
+        log_file.close()
+    rows, calls = [], []
+    for _, _, part in children:
+        summary_path = os.path.join(part, "out", "summary.json")
+        if os.path.isfile(summary_path):
+            with open(summary_path, encoding="utf-8") as f:
+                summary = json.load(f)
+            rows += summary["rows"]
+            calls.append(summary["meta"])
+        with open(os.path.join(part, "console.log"), encoding="utf-8") as f:
+            print(f.read(), end="", flush=True)
+    order = {e.name: k for k, e in enumerate(experiments)}
+    rows.sort(key=lambda r: order.get(r["name"], len(order)))
+    missing = [e.name for e in experiments if e.name not in {r["name"] for r in rows}]
+    rows += [{"name": name, "status": "error", "error": "child process wrote no row"} for name in missing]
+    info = dict(meta(args), date=started, children=calls, exit_codes=codes)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump({"meta": info, "rows": rows}, f, indent=1)
+    with tarfile.open(os.path.join(args.out, "runs.tar.gz"), "w:gz") as tar:
+        for _, _, part in children:
+            for row in rows:
+                run_dir = os.path.join(part, row["name"])
+                for name in RUN_FILES:
+                    if os.path.isfile(os.path.join(run_dir, name)):
+                        tar.add(os.path.join(run_dir, name), arcname=f"{row['name']}/{name}")
+            tar.add(os.path.join(part, "console.log"), arcname=f"{os.path.basename(part)}.console.log")
+    print_table([r for r in rows if "model" in r])
+    return 0 if all(c == 0 for c in codes) and not missing else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     experiments = select_experiments(all_experiments(), args.only)
     if args.list:
         print("\n".join(e.name for e in (all_experiments() if not args.only else experiments)))
         return 0
+    if args.devices < 1:
+        raise ValueError(f"--devices must be >= 1, got {args.devices}")
+    if args.devices > 1:
+        return run_on_devices(args, argv, experiments, args.work_dir or tempfile.mkdtemp(prefix="blossom_reproduce_"))
     t0 = time.time()
     deadline = None if args.time_budget_s is None else t0 + args.time_budget_s
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="blossom_reproduce_")

@@ -7,18 +7,29 @@ first, block_until_ready), XLA's compiled peak (arguments + outputs + temporarie
 breakdown: encoder forward+backward alone (loss = sum of user vectors), the CE head alone (logits over all
 items + softmax CE, forward+backward), and the Adam update alone.
 
-Usage (GPU): python benchmarks/train_step.py --out $OUT/train_step.json
+``--profile`` also traces a few steps with ``jax.profiler`` and reads the device timeline back
+(``jax.profiler.ProfileData``): per step, the device time of each HLO op, grouped by model component (from
+the op's jax name stack in the compiled HLO: embeddings, attention core, the rest of each layer, CE head,
+optimizer) and forward/backward, plus the top kernels. That is where the time goes inside the one fused step.
+
+Usage (GPU): python benchmarks/train_step.py --out $OUT/train_step.json [--profile]
 CPU smoke:   python benchmarks/train_step.py --shapes 20:8 --iters 2 --warmup 1
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
+import glob
 import json
+import os
+import re
 import statistics
 import sys
+import tempfile
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -88,7 +99,100 @@ def peak_mb(compiled):
     return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes) / 2**20
 
 
-def run_config(attention, impl, dtype, seq_len, batch, warmup, iters, seed):
+COMPONENTS = (  # (component, substrings of the jax name stack), first match wins
+    ("ce_head", ("item_logits", "softmax_cross_entropy", "log_softmax")),
+    ("embeddings", ("item_embedding", "position_embedding", "embedding_norm")),
+    ("attention_kernels", ("pallas_call", "dot_product_attention", "cudnn")),  # Pallas or cuDNN attention
+    ("attention_core", ("blossom_attention", "dense_attention")),  # the rest of the attention function
+    ("layer_rest", ("layer_",)),
+)
+
+
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> jax name stack (``metadata op_name``) of every instruction in compiled HLO text."""
+    names = {}
+    for match in re.finditer(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = [^\n]*?op_name="([^"]*)"', hlo_text, re.M):
+        names[match.group(1)] = match.group(2)
+    return names
+
+
+def component_of(op_name: str | None) -> str:
+    if not op_name:
+        return "unattributed"
+    for component, keys in COMPONENTS:
+        if any(key in op_name for key in keys):
+            return component
+    return "model_other" if "jvp(" in op_name or "transpose(" in op_name else "optimizer_other"
+
+
+def _stats(event) -> dict:
+    with warnings.catch_warnings():  # jax 0.11: "builtin type event_stats has no __module__ attribute"
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return dict(event.stats)
+
+
+def device_op_events(trace_dir: str):
+    """(HLO op name, duration ns, hlo module or None) of every op event in the trace under ``trace_dir``,
+    and the names of the trace's lines.
+
+    GPU traces have a per-device plane with an "XLA Ops" line (one event per HLO instruction run); where
+    there is none (CPU), every event that carries an ``hlo_op`` stat counts.
+    """
+    from jax.profiler import ProfileData
+
+    planes = [plane for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
+              for plane in ProfileData.from_file(path).planes]
+    lines_seen = sorted({f"{plane.name}:{line.name}" for plane in planes for line in plane.lines})
+    op_lines = [line for plane in planes if plane.name.startswith("/device:") for line in plane.lines
+                if line.name == "XLA Ops"]
+    events = []
+    if op_lines:
+        for line in op_lines:
+            for e in line.events:
+                events.append((e.name, e.duration_ns, _stats(e).get("hlo_module")))
+    else:
+        for plane in planes:
+            for line in plane.lines:
+                for e in line.events:
+                    stats = _stats(e)
+                    if "hlo_op" in stats:
+                        events.append((str(stats["hlo_op"]), e.duration_ns, stats.get("hlo_module")))
+    return events, lines_seen
+
+
+def profile_steps(run_step, pool, hlo_text: str, steps: int = 5, top: int = 15) -> dict:
+    """Traces ``steps`` training steps and splits their device time by component and direction."""
+    op_names = hlo_op_names(hlo_text)
+    trace_dir = tempfile.mkdtemp(prefix="blossom_profile_")
+    with jax.profiler.trace(trace_dir):
+        for i in range(steps):
+            jax.block_until_ready(run_step(*pool[i % len(pool)]))
+    events, lines_seen = device_op_events(trace_dir)
+    module = re.match(r"HloModule ([\w.\-]+)", hlo_text)
+    if module:
+        events = [e for e in events if e[2] is None or e[2] == module.group(1)]
+    by_component = collections.Counter()
+    by_op = collections.Counter()
+    for name, duration_ns, _ in events:
+        op = name.lstrip("%").split(" ")[0].split("=")[0].strip()
+        op_name = op_names.get(op)
+        direction = "bwd" if op_name and "transpose(" in op_name else "fwd"
+        component = component_of(op_name)
+        if component in ("optimizer_other", "unattributed"):
+            direction = "-"
+        by_component[f"{component}/{direction}"] += duration_ns
+        by_op[(op, (op_name or "")[-90:])] += duration_ns
+    per_step = lambda ns: round(ns / steps / 1e6, 4)  # noqa: E731
+    total = sum(by_component.values())
+    return {"steps": steps, "device_ms_per_step": per_step(total), "events": len(events),
+            "trace_lines": lines_seen[:30],
+            "by_component_ms": {k: per_step(v) for k, v in by_component.most_common()},
+            "top_ops_ms": [{"op": op, "name_stack": stack, "ms": per_step(ns)}
+                           for (op, stack), ns in by_op.most_common(top)]}
+
+
+def run_config(attention, impl, dtype, seq_len, batch, warmup, iters, seed, profile=False,
+               rng_impl="threefry2x32"):
     cfg = ModelConfig(num_items=NUM_ITEMS, max_len=seq_len, attention=attention, attention_impl=impl,
                       compute_dtype=dtype, attn=AttentionConfig(), attention_dropout=0.0)
     model, optimizer, step, encoder_only, head_only, adam_only = build(cfg)
@@ -96,8 +200,8 @@ def run_config(attention, impl, dtype, seq_len, batch, warmup, iters, seed):
     pool = [make_batch(rng, batch, seq_len) for _ in range(3)]
     params = model.init(jax.random.key(seed), pool[0][0][:2], pool[0][1][:2])["params"]
     opt_state = optimizer.init(params)
-    key = jax.random.key(seed + 1)
-    row = dict(attention=attention, impl=impl, dtype=dtype, N=seq_len, B=batch)
+    key = jax.random.key(seed + 1, impl=rng_impl)  # dropout key: its impl sets the RNG of every dropout mask
+    row = dict(attention=attention, impl=impl, dtype=dtype, N=seq_len, B=batch, rng_impl=rng_impl)
     step_jit = jax.jit(step, donate_argnums=(0, 1))
     compiled = step_jit.lower(params, opt_state, *pool[0], key).compile()
     row["step_peak_mb"] = peak_mb(compiled)
@@ -109,6 +213,8 @@ def run_config(attention, impl, dtype, seq_len, batch, warmup, iters, seed):
 
     row["step_ms"], loss = timed(run_step, pool, warmup, iters)
     row["loss"] = float(loss)
+    if profile:
+        row["profile"] = profile_steps(run_step, pool, compiled.as_text())
     params = state[0]
     enc = jax.jit(encoder_only)
     row["encoder_fwdbwd_ms"], _ = timed(enc, [(params, s, l, key) for s, l, _ in pool], warmup, iters)
@@ -131,9 +237,18 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true",
+                        help="trace a few steps and split their device time by component (see the docstring); "
+                             "turns XLA's GPU command buffers off for this process, so that each kernel is "
+                             "its own trace event (step_ms is then measured without them too)")
+    parser.add_argument("--rng-impl", default="threefry2x32", choices=("threefry2x32", "rbg", "unsafe_rbg"),
+                        help="PRNG implementation of the dropout key (default threefry2x32, the CLI's)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.profile:  # read when the backend starts, which has not happened yet
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(), jax=jax.__version__,
+                xla_flags=os.environ.get("XLA_FLAGS", ""),
                 device=str(jax.devices()[0].device_kind), backend=jax.default_backend(), argv=sys.argv[1:])
     print("meta", json.dumps(meta), flush=True)
     rows = []
@@ -143,7 +258,8 @@ def main(argv=None):
             attention, impl = variant.split(":")
             for dtype in args.dtypes:
                 try:
-                    row = run_config(attention, impl, dtype, seq_len, batch, args.warmup, args.iters, args.seed)
+                    row = run_config(attention, impl, dtype, seq_len, batch, args.warmup, args.iters, args.seed,
+                                     args.profile, args.rng_impl)
                 except Exception as error:  # noqa: BLE001 - record and continue (e.g. OOM)
                     row = dict(attention=attention, impl=impl, dtype=dtype, N=seq_len, B=batch,
                                error=f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")
@@ -161,6 +277,11 @@ def main(argv=None):
         print(f"{r['attention']:<9}{r['impl']:<6}{r['dtype']:<9}{r['N']:>6}{r['B']:>6}{r['step_ms']:>9.2f}"
               f"{r['step_peak_mb']:>9.0f}{r['encoder_fwdbwd_ms']:>8.2f}{r['ce_head_fwdbwd_ms']:>7.2f}"
               f"{r['adam_ms']:>6.2f}")
+    for r in rows:
+        if "profile" in r:
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in r["profile"]["by_component_ms"].items())
+            print(f"profile {r['attention']}:{r['impl']} {r['dtype']} N={r['N']} B={r['B']}: "
+                  f"{r['profile']['device_ms_per_step']:.2f} ms device/step = {parts}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,11 @@ per key tile, walking the query tiles that can see it). With both branches in on
 one ``dS = P_l (dP_l - delta_l) + P_s (dP_s - delta_s)`` per tile for dQ and dK, and
 ``dV = P_l^T dO_l + P_s^T dO_s``.
 
+Padding costs nothing: each program reads the sequence's valid extent (one past its last valid position) and
+skips query tiles past it and key tiles past it (see ``_query_tile_key_tiles``), as cuDNN does with key
+lengths; with right-padded batches of lengths uniform in [1, N] that is about a third of the causal work.
+Kept blocks are a per-row int32 bitmask when ceil(N / b) <= 32 (every N this kernel serves at b = 16).
+
 Cost: O(N) score-tile work per query (causal: the keys up to the query tile), against O(n b + log N) for the
 gather kernels, but with none of their per-query gathers, sorting or launch count. It wins at short N and
 loses at long N; ``blossom_jax.ops.pallas`` picks it up to ``FUSED_MAX_LEN`` (measured crossover, see
@@ -52,9 +57,10 @@ from pallas_kernels.stis_reference import stis_attention_reference  # noqa: F401
 __all__ = ["fused_attention_gpu", "FUSED_MAX_LEN", "FUSED_MAX_LEN_BIDIRECTIONAL", "max_len"]
 
 # Longest sequence for which ``blossom_jax.ops.pallas`` uses this kernel on GPU (longer ones take the
-# gather kernels, whose work per query does not grow with N). Measured on an H200 (bf16, causal, 65,536
-# tokens, LTIS + STIS fwd+bwd, benchmarks/results/kernels_fused_h200_2026-11-27.json): fused 0.71 / 1.07 /
-# 1.80 / 2.81 ms at N = 50 / 200 / 512 / 1024 against 2.0 ms for the split kernels at every N.
+# gather kernels, whose work per query does not grow with N). Measured (bf16, causal, 65,536 full-length
+# tokens, LTIS + STIS fwd+bwd): H200 (benchmarks/results/kernels_fused_h200_2026-11-27.json) fused 0.71 /
+# 1.07 / 1.80 / 2.81 ms at N = 50 / 200 / 512 / 1024 against 2.0 ms for the split kernels at every N; H100
+# with the bitmask (benchmarks/results/gpu_call2_2026-11-27/) 0.59 / 0.82 / 1.54 / 2.66 against 1.75-2.07.
 FUSED_MAX_LEN = 512
 # Bidirectional mode walks every key tile, twice the causal work at the same N, so its limit is taken at half
 # the causal one (derived from the causal crossover, not measured separately).
@@ -68,6 +74,7 @@ KEYS = 32
 DKV_KEYS = 32
 DKV_ROWS = 64
 NUM_WARPS = 4
+NUM_STAGES = gc.NUM_STAGES
 
 
 def max_len(causal: bool) -> int:
@@ -109,35 +116,85 @@ class _Keys:
         plgpu.store(ref.at[self.j[:, None], c], val, mask=self.in_range[:, None])
 
 
-def _branch_masks(qi, q_ok, sel, keys: _Keys, *, seq_len, causal, block_size, window, sink, mask_padded):
-    """Key-set masks (ltis, stis), bool [R, BK], of packed query rows (positions qi [R], q_ok [R], kept
-    blocks ``sel``: n int32 vectors [R], -1 = not kept) against a key tile."""
+# Kept blocks travel as a per-row bitmask when every block index fits in one int32 (ceil(N / b) <= 32, which
+# covers FUSED_MAX_LEN at b = 16): the kept test of a score element is then a shift and an and instead of n
+# compares.
+MAX_BITMASK_BLOCKS = 32
+# Position given to rows that are out of bounds or invalid: far below every key, so each position test below
+# (own block, window, power-of-two offset) is false for them without a separate row-validity mask.
+_FAR_BEFORE = -(1 << 30)
+
+
+def _uses_bitmask(seq_len: int, block_size: int) -> bool:
+    return -(-seq_len // block_size) <= MAX_BITMASK_BLOCKS
+
+
+class _QueryRows:
+    """Per-row inputs of the mask tests of packed query rows, computed once per program: position ``i``
+    (``_FAR_BEFORE`` where the row is not a valid query), own block, validity ``ok`` and the kept blocks
+    (``kept``: int32 bitmask [R], or n int32 vectors [R] with -1 = not kept)."""
+
+    def __init__(self, rows: gc.Rows, sel_ref, n_sel, *, block_size, use_bits):
+        self.ok = rows.ok
+        self.i = jnp.where(rows.ok, rows.qi, _FAR_BEFORE)
+        self.own_block = gc.idiv(self.i, block_size)  # negative for invalid rows: matches no key block
+        sel = [plgpu.load(sel_ref.at[rows.qi_c, r], mask=rows.ok, other=-1) for r in range(n_sel)]
+        if use_bits:
+            bits = jnp.zeros_like(sel[0])
+            for s in sel:
+                bits = bits | jnp.where(s >= 0, jnp.left_shift(jnp.ones_like(s), jnp.maximum(s, 0)), 0)
+            self.kept = bits
+        else:
+            self.kept = sel
+
+
+def _branch_masks(rows: _QueryRows, keys: _Keys, *, seq_len, causal, block_size, window, sink, mask_padded,
+                  use_bits):
+    """Key-set masks (ltis, stis), bool [R, BK], of packed query rows against a key tile."""
     j = keys.j[None, :]
-    i = qi[:, None]
-    kb = gc.idiv(keys.j, block_size)[None, :]
-    in_kept = sel[0][:, None] == kb
-    for s in sel[1:]:
-        in_kept = in_kept | (s[:, None] == kb)
+    kb = gc.idiv(keys.j, block_size)
+    if use_bits:  # in-range keys have kb < MAX_BITMASK_BLOCKS; the clamp only touches out-of-range keys
+        kb_c = jnp.minimum(kb, MAX_BITMASK_BLOCKS - 1)
+        in_kept = (lax.shift_right_logical(rows.kept[:, None], kb_c[None, :]) & 1) != 0
+    else:
+        in_kept = rows.kept[0][:, None] == kb[None, :]
+        for s in rows.kept[1:]:
+            in_kept = in_kept | (s[:, None] == kb[None, :])
     ltis = in_kept & (keys.valid if mask_padded else keys.in_range)[None, :]
     if causal:
-        own = (kb == gc.idiv(qi, block_size)[:, None]) & (j <= i) & keys.valid[None, :]
-        ltis = ltis | own
-    ltis = ltis & q_ok[:, None]
+        ltis = ltis | ((kb[None, :] == rows.own_block[:, None]) & (j <= rows.i[:, None]) & keys.valid[None, :])
 
-    diff = i - j
-    pow2 = (diff > 0) & ((diff & (diff - 1)) == 0)
+    diff = rows.i[:, None] - j
+    # true for diff = 0 (always inside the window) and diff = 2^k; false for every negative diff
+    pow2_or_zero = (diff & (diff - 1)) == 0
     if causal:
-        stis = ((diff >= 0) & (diff < window)) | pow2
+        stis = ((diff >= 0) & (diff < window)) | pow2_or_zero
     else:
-        stis = ((diff > -window) & (diff < window)) | pow2
+        stis = ((diff > -window) & (diff < window)) | pow2_or_zero
         if sink:
-            stis = stis | (j == seq_len - 1)
-    stis = stis & q_ok[:, None] & keys.valid[None, :]
-    return ltis, stis
+            stis = stis | ((j == seq_len - 1) & rows.ok[:, None])
+    return ltis, stis & keys.valid[None, :]
 
 
-def _load_sel(sel_ref, rows: gc.Rows, n_sel):
-    return [plgpu.load(sel_ref.at[rows.qi_c, r], mask=rows.ok, other=-1) for r in range(n_sel)]
+def _valid_extent(valid_ref, seq_len):
+    """One past the last valid position of the sequence (0 if none); every position from it on is padding.
+    Reads the whole validity row: O(N) per program, negligible at the lengths this kernel serves."""
+    idx = jnp.arange(gc.next_pow2(seq_len), dtype=jnp.int32)
+    inside = idx < seq_len
+    v = plgpu.load(valid_ref.at[jnp.where(inside, idx, 0)], mask=inside, other=0)
+    return jnp.max(jnp.where(v != 0, idx + 1, 0))
+
+
+def _query_tile_key_tiles(q0, extent, *, bq, bk, seq_len, causal, load_padded):
+    """Key tiles the forward / dQ program of the query tile at q0 walks. Padding is skipped: a tile of
+    padded queries walks none (its rows are all zero), and keys at or after the valid extent take part in
+    no valid query's key sets (causal: kept blocks lie before the query's own block, SPEC 3.4, and the own
+    block and STIS need valid keys; bidirectional: only with mask_padded_block_keys), unless
+    ``load_padded``."""
+    n_tiles = _num_key_tiles(q0 + bq - 1, seq_len=seq_len, bk=bk, causal=causal)
+    if not load_padded:
+        n_tiles = jnp.minimum(n_tiles, gc.idiv(extent + (bk - 1), bk))
+    return n_tiles * (q0 < extent).astype(jnp.int32)  # a 0/1 factor: see stis_gpu._for_each_offset
 
 
 def _num_key_tiles(q_last, *, seq_len, bk, causal):
@@ -171,25 +228,26 @@ def _finish(carry, ok):
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, valid_ref, sel_ref, ol_ref, os_ref, lsel_ref, lses_ref, *, seq_len, g,
-                n_sel, bq, rp, bk, causal, masks, load_padded, qk_scale):
+                n_sel, bq, rp, bk, causal, masks, block_size, use_bits, load_padded, qk_scale):
     d = q_ref.shape[-1]
     q0 = pl.program_id(0) * bq
     rows = gc.Rows(q0, bq=bq, rp=rp, g=g, seq_len=seq_len, valid_ref=valid_ref)
     q = rows.load(q_ref, d)
-    sel = _load_sel(sel_ref, rows, n_sel)
+    mask_rows = _QueryRows(rows, sel_ref, n_sel, block_size=block_size, use_bits=use_bits)
 
     def body(t, carry):
         c_l, c_s = carry
         keys = _Keys(t * bk, bk, seq_len=seq_len, valid_ref=valid_ref, load_padded=load_padded)
         kt, vt = keys.load(k_ref), keys.load(v_ref)
         s = gc.dot(q, kt, trans_b=True) * qk_scale
-        m_l, m_s = masks(rows.qi, rows.ok, sel, keys)
+        m_l, m_s = masks(mask_rows, keys)
         vs = jnp.where(keys.valid[:, None], vt, 0.0).astype(vt.dtype)
         return _online_update(c_l, s, m_l, vt), _online_update(c_s, s, m_s, vs)
 
     init = (jnp.full((rp,), -jnp.inf, jnp.float32), jnp.zeros((rp,), jnp.float32),
             jnp.zeros((rp, d), jnp.float32))
-    n_tiles = _num_key_tiles(q0 + bq - 1, seq_len=seq_len, bk=bk, causal=causal)
+    n_tiles = _query_tile_key_tiles(q0, _valid_extent(valid_ref, seq_len), bq=bq, bk=bk, seq_len=seq_len,
+                                    causal=causal, load_padded=load_padded)
     c_l, c_s = lax.fori_loop(0, n_tiles, body, (init, init))
     for carry, o_ref, lse_ref in ((c_l, ol_ref, lsel_ref), (c_s, os_ref, lses_ref)):
         o, lse = _finish(carry, rows.ok)
@@ -209,8 +267,8 @@ def _probs_and_ds(s, m_l, m_s, lse_l, lse_s, dp_l, dp_s, delta_l, delta_s):
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, valid_ref, sel_ref, dol_ref, dos_ref, lsel_ref, lses_ref, dell_ref,
-               dels_ref, dq_ref, *, seq_len, g, n_sel, bq, rp, bk, causal, masks, load_padded, qk_scale,
-               sm_scale):
+               dels_ref, dq_ref, *, seq_len, g, n_sel, bq, rp, bk, causal, masks, block_size, use_bits,
+               load_padded, qk_scale, sm_scale):
     d = q_ref.shape[-1]
     q0 = pl.program_id(0) * bq
     rows = gc.Rows(q0, bq=bq, rp=rp, g=g, seq_len=seq_len, valid_ref=valid_ref)
@@ -218,25 +276,26 @@ def _dq_kernel(q_ref, k_ref, v_ref, valid_ref, sel_ref, dol_ref, dos_ref, lsel_r
     do_l, do_s = rows.load(dol_ref, d), rows.load(dos_ref, d)
     lse_l, lse_s = rows.load_row(lsel_ref), rows.load_row(lses_ref)
     delta_l, delta_s = rows.load_row(dell_ref), rows.load_row(dels_ref)
-    sel = _load_sel(sel_ref, rows, n_sel)
+    mask_rows = _QueryRows(rows, sel_ref, n_sel, block_size=block_size, use_bits=use_bits)
 
     def body(t, dq):
         keys = _Keys(t * bk, bk, seq_len=seq_len, valid_ref=valid_ref, load_padded=load_padded)
         kt, vt = keys.load(k_ref), keys.load(v_ref)
         s = gc.dot(q, kt, trans_b=True) * qk_scale
-        m_l, m_s = masks(rows.qi, rows.ok, sel, keys)
+        m_l, m_s = masks(mask_rows, keys)
         _, _, ds = _probs_and_ds(s, m_l, m_s, lse_l, lse_s, gc.dot(do_l, vt, trans_b=True),
                                  gc.dot(do_s, vt, trans_b=True), delta_l, delta_s)
         return dq + gc.dot(ds.astype(kt.dtype), kt)
 
-    n_tiles = _num_key_tiles(q0 + bq - 1, seq_len=seq_len, bk=bk, causal=causal)
+    n_tiles = _query_tile_key_tiles(q0, _valid_extent(valid_ref, seq_len), bq=bq, bk=bk, seq_len=seq_len,
+                                    causal=causal, load_padded=load_padded)
     dq = lax.fori_loop(0, n_tiles, body, jnp.zeros((rp, d), jnp.float32))
     rows.store(dq_ref, (dq * sm_scale).astype(dq_ref.dtype))
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, valid_ref, sel_ref, dol_ref, dos_ref, lsel_ref, lses_ref, dell_ref,
-                dels_ref, dk_ref, dv_ref, *, seq_len, g, n_sel, bq, rp, bk, causal, masks, load_padded,
-                qk_scale, sm_scale):
+                dels_ref, dk_ref, dv_ref, *, seq_len, g, n_sel, bq, rp, bk, causal, masks, block_size,
+                use_bits, load_padded, qk_scale, sm_scale):
     d = k_ref.shape[-1]
     k0 = pl.program_id(0) * bk
     keys = _Keys(k0, bk, seq_len=seq_len, valid_ref=valid_ref, load_padded=load_padded)
@@ -249,9 +308,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, valid_ref, sel_ref, dol_ref, dos_ref, lsel_
         do_l, do_s = rows.load(dol_ref, d), rows.load(dos_ref, d)
         lse_l, lse_s = rows.load_row(lsel_ref), rows.load_row(lses_ref)
         delta_l, delta_s = rows.load_row(dell_ref), rows.load_row(dels_ref)
-        sel = _load_sel(sel_ref, rows, n_sel)
+        mask_rows = _QueryRows(rows, sel_ref, n_sel, block_size=block_size, use_bits=use_bits)
         s = gc.dot(q, kt, trans_b=True) * qk_scale
-        m_l, m_s = masks(rows.qi, rows.ok, sel, keys)
+        m_l, m_s = masks(mask_rows, keys)
         p_l, p_s, ds = _probs_and_ds(s, m_l, m_s, lse_l, lse_s, gc.dot(do_l, vt, trans_b=True),
                                      gc.dot(do_s, vt, trans_b=True), delta_l, delta_s)
         dv = dv + gc.dot(p_l.astype(do_l.dtype), do_l, trans_a=True)
@@ -261,9 +320,14 @@ def _dkv_kernel(q_ref, k_ref, v_ref, valid_ref, sel_ref, dol_ref, dos_ref, lsel_
 
     # causal: query i sees key j only if j <= i, so the walk starts at the query tile holding k0
     first = gc.idiv(k0, bq) if causal else 0
-    n_q_tiles = pl.cdiv(seq_len, bq)
+    # query tiles up to the last valid query; none when every key of the tile is padding that no valid
+    # query sees (see _query_tile_key_tiles)
+    extent = _valid_extent(valid_ref, seq_len)
+    last = jnp.minimum(pl.cdiv(seq_len, bq), gc.idiv(extent + (bq - 1), bq))
+    if not load_padded:
+        last = first + (last - first) * (k0 < extent).astype(jnp.int32)
     zeros = jnp.zeros((bk, d), jnp.float32)
-    dk, dv = lax.fori_loop(first, n_q_tiles, body, (zeros, zeros))
+    dk, dv = lax.fori_loop(first, jnp.maximum(last, first), body, (zeros, zeros))
     keys.store(dk_ref, (dk * sm_scale).astype(dk_ref.dtype))
     keys.store(dv_ref, dv.astype(dv_ref.dtype))
 
@@ -284,9 +348,11 @@ def _static(q, k, sel_enc, opts):
     g = h // hk
     n_sel = sel_enc.shape[-1]
     causal, block_size, window, sink, mask_padded = opts
+    use_bits = _uses_bitmask(n, block_size)
     masks = functools.partial(_branch_masks, seq_len=n, causal=causal, block_size=block_size, window=window,
-                              sink=sink, mask_padded=mask_padded)
-    common = dict(seq_len=n, g=g, n_sel=n_sel, causal=causal, masks=masks,
+                              sink=sink, mask_padded=mask_padded, use_bits=use_bits)
+    common = dict(seq_len=n, g=g, n_sel=n_sel, causal=causal, masks=masks, block_size=block_size,
+                  use_bits=use_bits,
                   load_padded=(not causal) and (not mask_padded), qk_scale=gc.LOG2E / math.sqrt(d))
     return (bsz, n, h, hk, g, d, n_sel), common
 
@@ -303,7 +369,7 @@ def _fwd_call(q, k, v, valid_i, sel_enc, opts, interpret):
         in_specs=[q_spec, kv_spec, kv_spec, valid_spec, sel_spec],
         out_specs=[q_spec, q_spec, row_spec, row_spec],
         out_shape=[o_shape, o_shape, lse_shape, lse_shape],
-        compiler_params=gc.compiler_params(NUM_WARPS),
+        compiler_params=gc.compiler_params(NUM_WARPS, NUM_STAGES),
         interpret=interpret,
         name="blossom_fused_fwd",
     )(q, k, v, valid_i, sel_enc)
@@ -326,7 +392,7 @@ def _bwd_call(q, k, v, valid_i, sel_enc, o_l, o_s, lse_l, lse_s, do_l, do_s, opt
         in_specs=in_specs,
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=gc.compiler_params(NUM_WARPS),
+        compiler_params=gc.compiler_params(NUM_WARPS, NUM_STAGES),
         interpret=interpret,
         name="blossom_fused_dq",
     )(*args)
@@ -337,7 +403,7 @@ def _bwd_call(q, k, v, valid_i, sel_enc, o_l, o_s, lse_l, lse_s, do_l, do_s, opt
         in_specs=in_specs,
         out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=gc.compiler_params(NUM_WARPS),
+        compiler_params=gc.compiler_params(NUM_WARPS, NUM_STAGES),
         interpret=interpret,
         name="blossom_fused_dkv",
     )(*args)

@@ -65,6 +65,9 @@ padded key inside a kept block, bidirectional mode without ``mask_padded_block_k
 that query NaN (as in the reference) and also the other queries of its tile (0 * NaN in the shared
 ``P @ V`` product); finite padding, as the model produces, is unaffected.
 
+Padding: a forward / dQ program whose queries are all padding writes zeros and walks no keys (``pl.when``),
+so right-padded batches pay only for their valid queries; the dK/dV lists hold valid queries only.
+
 Tile sizes are module constants (below) and keyword-only overrides are not exposed: tune them here.
 All kernels pass ``plgpu.CompilerParams`` (Triton) explicitly so that jax 0.10.x does not route them to
 Mosaic GPU. Works with jax 0.10.2 and 0.11.x.
@@ -359,7 +362,6 @@ def _fwd_kernel(q_ref, k_ref, v_ref, valid_ref, sel_ref, o_ref, lse_ref, *, seq_
     d = q_ref.shape[-1]
     q0 = pl.program_id(0) * bq
     rows = _Rows(q0, bq=bq, rp=rp, g=g, seq_len=seq_len, valid_ref=valid_ref)
-    q = rows.load(q_ref, d)
     neg_inf = jnp.float32(-jnp.inf)
 
     def update(carry, s, mask, vt):
@@ -373,19 +375,31 @@ def _fwd_kernel(q_ref, k_ref, v_ref, valid_ref, sel_ref, o_ref, lse_ref, *, seq_
         acc = acc * alpha[:, None] + _dot(p.astype(vt.dtype), vt)
         return m_new, l, acc
 
-    carry = (jnp.full((rp,), -jnp.inf, jnp.float32), jnp.zeros((rp,), jnp.float32),
-             jnp.zeros((rp, d), jnp.float32))
-    carry = _walk_keys(carry, lambda c, s, mask, kt, vt: update(c, s, mask, vt), q, q0, rows, k_ref, v_ref,
-                       valid_ref, sel_ref, seq_len=seq_len, n_sel=n_sel, bq=bq, block_size=block_size,
-                       causal=causal, mask_padded=mask_padded)
-    m, l, acc = carry
+    @pl.when(_any_row(rows))
+    def _attend():
+        q = rows.load(q_ref, d)
+        carry = (jnp.full((rp,), -jnp.inf, jnp.float32), jnp.zeros((rp,), jnp.float32),
+                 jnp.zeros((rp, d), jnp.float32))
+        carry = _walk_keys(carry, lambda c, s, mask, kt, vt: update(c, s, mask, vt), q, q0, rows, k_ref,
+                           v_ref, valid_ref, sel_ref, seq_len=seq_len, n_sel=n_sel, bq=bq,
+                           block_size=block_size, causal=causal, mask_padded=mask_padded)
+        m, l, acc = carry
+        nonempty = rows.ok & (l > 0)
+        o = acc / jnp.where(nonempty, l, 1.0)[:, None]
+        o = jnp.where(nonempty[:, None], o, 0.0)
+        lse = jnp.where(nonempty, m + jnp.log2(jnp.where(nonempty, l, 1.0)), 0.0)
+        rows.store(o_ref, o.astype(o_ref.dtype))
+        rows.store_row(lse_ref, lse)
 
-    nonempty = rows.ok & (l > 0)
-    o = acc / jnp.where(nonempty, l, 1.0)[:, None]
-    o = jnp.where(nonempty[:, None], o, 0.0)
-    lse = jnp.where(nonempty, m + jnp.log2(jnp.where(nonempty, l, 1.0)), 0.0)
-    rows.store(o_ref, o.astype(o_ref.dtype))
-    rows.store_row(lse_ref, lse)
+    @pl.when(jnp.logical_not(_any_row(rows)))
+    def _padding():  # a tile of padded queries: zeros, no key walk
+        rows.store(o_ref, jnp.zeros((rp, d), o_ref.dtype))
+        rows.store_row(lse_ref, jnp.zeros((rp,), jnp.float32))
+
+
+def _any_row(rows):
+    """Whether any packed row of the tile is a valid query (else the program only writes zeros)."""
+    return jnp.max(rows.ok.astype(jnp.int32)) > 0
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, valid_ref, sel_ref, do_ref, lse_ref, delta_ref, dq_ref, *, seq_len,
@@ -393,23 +407,30 @@ def _dq_kernel(q_ref, k_ref, v_ref, valid_ref, sel_ref, do_ref, lse_ref, delta_r
     d = q_ref.shape[-1]
     q0 = pl.program_id(0) * bq
     rows = _Rows(q0, bq=bq, rp=rp, g=g, seq_len=seq_len, valid_ref=valid_ref)
-    q = rows.load(q_ref, d)
-    do = rows.load(do_ref, d)
-    lse = rows.load_row(lse_ref)
-    delta = rows.load_row(delta_ref)
     neg_inf = jnp.float32(-jnp.inf)
 
-    def update(dq, s, mask, kt, vt):
-        s = jnp.where(mask, s * qk_scale, neg_inf)
-        p = jnp.exp2(s - lse[:, None])
-        dp = _dot(do, vt, trans_b=True)
-        ds = jnp.where(mask, p * (dp - delta[:, None]), 0.0)
-        return dq + _dot(ds.astype(kt.dtype), kt)
+    @pl.when(_any_row(rows))
+    def _attend():
+        q = rows.load(q_ref, d)
+        do = rows.load(do_ref, d)
+        lse = rows.load_row(lse_ref)
+        delta = rows.load_row(delta_ref)
 
-    dq = _walk_keys(jnp.zeros((rp, d), jnp.float32), update, q, q0, rows, k_ref, v_ref, valid_ref, sel_ref,
-                    seq_len=seq_len, n_sel=n_sel, bq=bq, block_size=block_size, causal=causal,
-                    mask_padded=mask_padded)
-    rows.store(dq_ref, (dq * sm_scale).astype(dq_ref.dtype))
+        def update(dq, s, mask, kt, vt):
+            s = jnp.where(mask, s * qk_scale, neg_inf)
+            p = jnp.exp2(s - lse[:, None])
+            dp = _dot(do, vt, trans_b=True)
+            ds = jnp.where(mask, p * (dp - delta[:, None]), 0.0)
+            return dq + _dot(ds.astype(kt.dtype), kt)
+
+        dq = _walk_keys(jnp.zeros((rp, d), jnp.float32), update, q, q0, rows, k_ref, v_ref, valid_ref,
+                        sel_ref, seq_len=seq_len, n_sel=n_sel, bq=bq, block_size=block_size, causal=causal,
+                        mask_padded=mask_padded)
+        rows.store(dq_ref, (dq * sm_scale).astype(dq_ref.dtype))
+
+    @pl.when(jnp.logical_not(_any_row(rows)))
+    def _padding():
+        rows.store(dq_ref, jnp.zeros((rp, d), dq_ref.dtype))
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delta_ref, order_ref, starts_ref,

@@ -36,6 +36,8 @@ Why these kernels look the way they do
   ``G`` axis: ``G`` times fewer key loads than one program per query head, and ``BQ*G*d`` elements of
   work per offset (256 rows of 16 for the defaults) to fill the vector lanes. If ``G`` is not a power
   of two (Triton tensors need power-of-two sizes) the kernels fall back to one query head per program.
+* **Padding is skipped.** A program whose queries (forward, dq) or keys (dk/dv) are all padding visits no
+  offset (its loops get zero trips) and stores zeros: right-padded batches pay only for their valid tiles.
 * **Forward: online softmax** (running max, rescaled accumulator) over the keys, float32 throughout;
   ``lse = m + log(l)`` per (query, head) is saved for the backward.
 * **Backward (flash style, deterministic, no atomics).** ``dq`` recomputes the probabilities from the
@@ -131,19 +133,31 @@ def _plan(n: int, window: int, causal: bool, sink: bool, unroll: bool) -> _Plan:
                  unroll=unroll)
 
 
-def _for_each_offset(plan: _Plan, body, carry):
-    """carry = body(o, carry) for every offset o of the plan (Python ints if unrolled, else traced)."""
+def _for_each_offset(plan: _Plan, body, carry, active=None):
+    """carry = body(o, carry) for every offset o of the plan (Python ints if unrolled, else traced).
+
+    ``active`` (traced bool, optional): when False no offset is visited (a tile of padding, whose every
+    contribution is masked to zero anyway). Unrolled plans visit every offset regardless."""
     if plan.unroll:
         for o in range(plan.lo, plan.hi):
             carry = body(o, carry)
         for t in range(plan.npow):
             carry = body(plan.p0 << t, carry)
         return carry
-    carry = lax.fori_loop(plan.lo, plan.hi, body, carry)
+    # 0/1 factors, not jnp.where: a select between two literals lowers to an i1 value in Pallas-Triton, which
+    # the scf.for verifier rejects next to i32 bounds (jax 0.11.2)
+    on = None if active is None else active.astype(jnp.int32)
+    hi = plan.hi if on is None else plan.lo + (plan.hi - plan.lo) * on
+    carry = lax.fori_loop(plan.lo, hi, body, carry)
     if plan.npow:
         p0 = jnp.int32(plan.p0)
-        carry = lax.fori_loop(0, plan.npow, lambda t, c: body(jnp.left_shift(p0, t), c), carry)
+        npow = plan.npow if on is None else plan.npow * on
+        carry = lax.fori_loop(0, npow, lambda t, c: body(jnp.left_shift(p0, t), c), carry)
     return carry
+
+
+def _any(mask):
+    return jnp.max(mask.astype(jnp.int32)) > 0
 
 
 def _is_pow2(x: int) -> bool:
@@ -249,7 +263,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, n, nt, block,
 
     carry = (jnp.full(q.shape[:2], _NEG, jnp.float32), jnp.zeros(q.shape[:2], jnp.float32),
              jnp.zeros_like(q))
-    carry = _for_each_offset(plan, lambda o, c: attend(*_shifted(qi, o, n), c), carry)
+    carry = _for_each_offset(plan, lambda o, c: attend(*_shifted(qi, o, n), c), carry, active=_any(vq))
     if plan.sink_window is not None:
         carry = attend(*_sink_rows(qi, n, plan.sink_window), carry)
     m, l, acc = carry
@@ -288,7 +302,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, do_ref, lse_ref,
         _, ds, k = grad_s(*_shifted(qi, o, n))
         return dq + ds[:, :, None] * k[:, None, :]
 
-    dq = _for_each_offset(plan, body, jnp.zeros_like(q))
+    dq = _for_each_offset(plan, body, jnp.zeros_like(q), active=_any(vq))
     if plan.sink_window is not None:
         dks_ref, dvs_ref = sink_refs
         p, ds, k = grad_s(*_sink_rows(qi, n, plan.sink_window))
@@ -333,7 +347,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delta_ref, *res
 
     gp, d = q_ref.shape[-2], q_ref.shape[-1]
     zeros = jnp.zeros((block, gp, d), jnp.float32)
-    dk, dv = _for_each_offset(plan, body, (zeros, zeros))
+    # a tile of padding keys receives nothing (every query mask includes the key's validity)
+    dk, dv = _for_each_offset(plan, body, (zeros, zeros), active=_any(vk))
     dk = jnp.sum(dk, axis=1) * scale                # [BK, d]: sum over the G query heads
     dv = jnp.sum(dv, axis=1)
     if plan.sink_window is not None:

@@ -59,3 +59,27 @@ def random_attention_inputs(config, batch: int, seq_len: int, *, seed: int = 0, 
             x[~valid] = np.nan
     cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
     return cast(q), cast(k), cast(v), cast(gates), params, jnp.asarray(valid)
+
+
+@pytest.fixture(autouse=True)
+def verify_triton_modules(monkeypatch):
+    """Every Pallas-Triton kernel lowered in a test (CUDA export tests) has its Triton module run through
+    the MLIR verifier, as the GPU's compiler would: a module it rejects (e.g. an ``scf.for`` whose bounds
+    have different types) fails the test here on the CPU instead of at compile time on the GPU."""
+    try:
+        from jax._src.pallas.triton import lowering, pallas_call_registration
+    except ImportError:  # a jax without the Triton lowering: nothing to check
+        yield
+        return
+    original = lowering.lower_jaxpr_to_triton_module
+
+    def lower_and_verify(*args, **kwargs):
+        result = original(*args, **kwargs)
+        try:
+            result.module.operation.verify()
+        except Exception as error:  # noqa: BLE001 - MLIRError; re-raised as a test failure
+            raise AssertionError(f"Triton module fails MLIR verification: {str(error)[:2000]}") from error
+        return result
+
+    monkeypatch.setattr(pallas_call_registration.lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
+    yield

@@ -34,9 +34,10 @@ def test_reproduce_experiment_names_and_flags():
     repro = _load("reproduce")
     names = [e.name for e in repro.all_experiments()]
     assert "ml1m-n200-blossom-s2020" in names and "beauty-n50-dense-s2022" in names
-    assert len(names) == len(set(names)) == 20
+    assert len(names) == len(set(names)) == 28
     chosen = repro.select_experiments(repro.all_experiments(), "ml1m-n200-*-s2020,beauty-n50-dense-s2021")
     assert [e.name for e in chosen] == ["ml1m-n200-blossom-s2020", "ml1m-n200-dense-s2020",
+                                        "ml1m-n200-blossom-allpos-s2020", "ml1m-n200-dense-allpos-s2020",
                                         "beauty-n50-dense-s2021"]
     assert all(e.data != "bundled" for e in repro.select_experiments(repro.all_experiments(), None))
     with pytest.raises(ValueError, match="no experiment"):
@@ -68,7 +69,7 @@ def test_reproduce_runs_and_respects_the_budget(tmp_path):
     out2 = tmp_path / "out2"
     assert repro.main(["--only", "bundled-*", "--out", str(out2), "--time-budget-s", "0"]) == 0
     rows = json.loads((out2 / "summary.json").read_text())["rows"]
-    assert [r["status"] for r in rows] == ["not_started", "not_started"]
+    assert [r["status"] for r in rows] == ["not_started"] * 4
 
 
 def test_long_sequences_parsing_and_batches():
@@ -115,3 +116,94 @@ def test_epoch_time_end_to_end(tmp_path):
     extra = step["extrapolated"]
     assert extra["label"].startswith("EXTRAPOLATED")
     assert extra["train_epoch_serial_s"] >= extra["train_epoch_overlapped_s"] > 0
+
+
+def test_reproduce_objectives_and_device_queues():
+    repro = _load("reproduce")
+    by_name = {e.name: e for e in repro.all_experiments()}
+    allpos = by_name["ml1m-n200-dense-allpos-s2021"]
+    assert allpos.objective == "all-positions" and by_name["ml1m-n200-dense-s2021"].objective == "prefix"
+    argv = repro.train_argv(allpos, "/tmp/x", "/data", repro.parse_args([]))
+    from train import cli
+
+    cfg = cli.resolve_config(cli._train_parser().parse_args(argv))
+    assert (cfg.objective, cfg.batch_size, cfg.epochs) == ("all-positions", 256, 200)
+    prefix_cfg = cli.resolve_config(cli._train_parser().parse_args(
+        repro.train_argv(by_name["ml1m-n200-dense-s2021"], "/tmp/x", "/data", repro.parse_args([]))))
+    assert (prefix_cfg.objective, prefix_cfg.batch_size, prefix_cfg.epochs) == ("prefix", 2048, 12)
+    chosen = repro.select_experiments(repro.all_experiments(), "ml1m-n200-*-s2021,beauty-n50-*-s2021")
+    queues = repro.assign_devices(chosen, 3)
+    assert sorted(e.name for q in queues for e in q) == sorted(e.name for e in chosen)
+    loads = [sum(e.expected_minutes for e in q) for q in queues]
+    assert max(loads) - min(loads) <= max(e.expected_minutes for e in chosen)
+    assert len(repro.assign_devices(chosen[:2], 4)) == 2  # no empty queues
+    child = repro.child_argv(["--devices", "2", "--only=x", "--out", "o", "--max-epochs", "3"], ["a", "b"], "O", "W")
+    assert child == ["--max-epochs", "3", "--only", "a,b", "--out", "O", "--work-dir", "W"]
+
+
+def test_reproduce_on_two_devices_merges_children(tmp_path):
+    """--devices 2 on a CPU with two host devices: two child processes, one merged summary and tarball."""
+    import os
+    import subprocess
+    import tarfile
+
+    out = tmp_path / "out"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "reproduce.py"), "--devices", "2",
+           "--only", "bundled-n20-blossom-s2020,bundled-n20-dense-allpos-s2020", "--max-epochs", "1",
+           "--set", "synthetic_users=60", "--out", str(out), "--work-dir", str(tmp_path / "work")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(r["name"], r["status"], r["objective"]) for r in summary["rows"]] == [
+        ("bundled-n20-blossom-s2020", "ok", "prefix"), ("bundled-n20-dense-allpos-s2020", "ok", "all-positions")]
+    assert summary["meta"]["exit_codes"] == [0, 0] and len(summary["meta"]["children"]) == 2
+    with tarfile.open(out / "runs.tar.gz") as tar:
+        names = tar.getnames()
+    assert "bundled-n20-dense-allpos-s2020/results.json" in names and "part1.console.log" in names
+
+
+def test_summarize_reproduce_merges_seeds(tmp_path):
+    summarize = _load("summarize_reproduce")
+
+    def row(seed, ndcg, model="blossom", objective="prefix"):
+        metrics = {"ndcg@10": ndcg, "recall@10": 0.8, "mrr@10": 0.5}
+        return {"name": f"ml1m-n200-{model}-s{seed}", "status": "ok", "data": "ml1m", "max_len": 200,
+                "model": model, "seed": seed, "objective": objective, "test_uni100": metrics,
+                "test_full": metrics, "epochs_run": 12, "best_epoch": 9, "stop_reason": "epochs",
+                "median_epoch_s": 10.0}
+
+    first = tmp_path / "a.json"
+    first.write_text(json.dumps({"meta": {"device": "NVIDIA H100 80GB HBM3"},
+                                 "rows": [row(2020, 0.60), {"name": "x", "status": "error"}]}))
+    second = tmp_path / "b.json"
+    second.write_text(json.dumps({"meta": {"device": "NVIDIA H200", "children": [{"device": "NVIDIA H200"}]},
+                                  "rows": [row(2021, 0.62), row(2021, 0.70, model="dense")]}))
+    out = tmp_path / "agg.json"
+    assert summarize.main([str(first), str(second), "--json", str(out)]) == 0
+    records = {r["model"]: r for r in json.loads(out.read_text())}
+    assert records["blossom"]["seeds"] == [2020, 2021]
+    assert abs(records["blossom"]["uni100"]["ndcg@10"] - 0.61) < 1e-9
+    assert abs(records["blossom"]["uni100_std"]["ndcg@10"] - np.std([0.60, 0.62], ddof=1)) < 1e-9
+    assert records["dense"]["uni100_std"]["ndcg@10"] is None
+    assert set(records["blossom"]["epoch_s"]) == {"H100", "H200"}
+    text, _ = summarize.table(summarize.load_rows([str(first), str(second)]))
+    assert "0.6100±0.0141" in text and "12 (capped, best 9)" in text
+
+
+def test_train_step_profile_attributes_device_time(tmp_path, monkeypatch):
+    """--profile on CPU: the traced ops are attributed to model components through their name stacks."""
+    monkeypatch.setenv("XLA_FLAGS", "")  # --profile appends to it; restored after the test
+    step = _load("train_step")
+    out = tmp_path / "ts.json"
+    step.main(["--shapes", "20:4", "--variants", "blossom:auto", "--dtypes", "float32", "--iters", "1",
+               "--warmup", "1", "--profile", "--out", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["step_ms"] > 0 and "error" not in row
+    profile = row["profile"]
+    components = {k.split("/")[0] for k in profile["by_component_ms"]}
+    assert {"attention_core", "layer_rest", "ce_head", "embeddings"} <= components
+    assert profile["device_ms_per_step"] >= sum(v for v in profile["by_component_ms"].values()) - 1e-3
+    assert step.component_of("jit(step)/transpose(jvp(M))/M.encode/layer_0/blossom_attention/x/pallas_call") \
+        == "attention_kernels"
+    assert step.component_of(None) == "unattributed"

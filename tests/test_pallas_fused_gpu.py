@@ -5,7 +5,8 @@ The kernel returns (o_ltis, o_stis); it must equal the pair of pure-jnp referenc
 gradients w.r.t. q, k, v for independent random cotangents of both outputs: float32 and bfloat16, causal and
 bidirectional, mask_padded_block_keys on/off, N in {1, 5, 16, 17, 50, 70, 130}, GQA G in {1, 2, 4, 8}, right
 padding with one-item and all-padding rows, n larger than the number of visible blocks, NaN at padded
-positions. Plus bitwise determinism of the backward and the CUDA lowering through ``jax.export``.
+positions, kept blocks as a bitmask and (forced) by comparison. Plus bitwise determinism of the backward and
+the CUDA lowering through ``jax.export``.
 """
 
 from __future__ import annotations
@@ -81,6 +82,24 @@ def test_fused_matches_references(n, h, hk, lens, n_sel, causal, mask_padded, dt
         _close(a, r, tol, name)
     for name, o in zip(("o_ltis", "o_stis", "dq"), got[:3]):
         assert (np.asarray(o.astype(jnp.float32))[~valid_np] == 0).all(), f"{name} at padded queries must be 0"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_compare_path_without_bitmask(monkeypatch, causal):
+    """Longer sequences (ceil(N / b) > 32 blocks) test kept blocks by comparison instead of a bitmask: forced
+    here at N = 70 by lowering the bitmask width, the results must stay those of the references."""
+    assert fused_gpu._uses_bitmask(512, 16) and not fused_gpu._uses_bitmask(513, 16)
+    monkeypatch.setattr(fused_gpu, "MAX_BITMASK_BLOCKS", 3)
+    assert not fused_gpu._uses_bitmask(70, 16)
+    jax.clear_caches()
+    try:
+        valid_np, args = _case(21, 70, 8, 2, [70, 33], 4, causal, jnp.float32)
+        got = _kernel(*args, causal=causal, mask_padded=False)
+        want = _reference(*args, causal=causal, mask_padded=False)
+        for name, a, r in zip(("o_ltis", "o_stis", "dq", "dk", "dv"), got, want):
+            _close(a, r, 2e-5, name)
+    finally:
+        jax.clear_caches()
 
 
 @pytest.mark.parametrize("causal,mask_padded", [(True, False), (False, True)])
