@@ -1,5 +1,5 @@
-"""The issue 7/8 benchmark scripts run end to end on CPU at tiny sizes (benchmarks/reproduce.py,
-long_sequences.py, epoch_time.py)."""
+"""The issue 7/8 benchmark scripts run end to end on CPU at tiny sizes (benchmarks/reproduce.py with one and
+two devices, summarize_reproduce.py, long_sequences.py, epoch_time.py, train_step.py --profile)."""
 
 from __future__ import annotations
 

@@ -102,6 +102,28 @@ def test_compare_path_without_bitmask(monkeypatch, causal):
         jax.clear_caches()
 
 
+@pytest.mark.parametrize("causal,mask_padded", [(True, False), (False, True), (False, False)])
+def test_padding_skip_with_holes_and_trailing_padding(causal, mask_padded):
+    """Validity with holes inside the sequence and padding after its last valid position (the extent the
+    kernel skips past), padded q/k/v zero as the model makes them: equal to the references. Row 1 has its
+    only valid positions in the first key tile, row 2 none at all."""
+    rng = np.random.default_rng(5)
+    n, h, hk = 70, 8, 2
+    valid_np = rng.random((3, n)) < 0.7
+    valid_np[0, 60:] = False
+    valid_np[1, 20:] = False
+    valid_np[2, :] = False
+    sel, kept, _ = _random_selection(rng, valid_np, hk, 4, causal=causal)
+    q, k, v = (jnp.where(jnp.asarray(valid_np)[:, :, None, None], x, 0).astype(x.dtype)
+               for x in _qkv(rng, 3, n, h, hk, 16, jnp.float32))
+    cts = [jnp.asarray(rng.standard_normal(q.shape).astype(np.float32)) for _ in range(2)]
+    args = (q, k, v, jnp.asarray(valid_np), jnp.asarray(sel), jnp.asarray(kept), *cts)
+    got = _kernel(*args, causal=causal, mask_padded=mask_padded)
+    want = _reference(*args, causal=causal, mask_padded=mask_padded)
+    for name, a, r in zip(("o_ltis", "o_stis", "dq", "dk", "dv"), got, want):
+        _close(a, r, 2e-5, name)
+
+
 @pytest.mark.parametrize("causal,mask_padded", [(True, False), (False, True)])
 def test_nan_at_padding_does_not_leak(causal, mask_padded):
     """NaN in q, k, v at padded positions changes nothing: causal, and bidirectional with padded block keys
