@@ -151,7 +151,8 @@ def test_reproduce_on_two_devices_merges_children(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "reproduce.py"), "--devices", "2",
            "--only", "bundled-n20-blossom-s2020,bundled-n20-dense-allpos-s2020", "--max-epochs", "1",
-           "--set", "synthetic_users=60", "--out", str(out), "--work-dir", str(tmp_path / "work")]
+           "--set", "synthetic_users=60", "--per-run-files", "--out", str(out),
+           "--work-dir", str(tmp_path / "work")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -161,6 +162,7 @@ def test_reproduce_on_two_devices_merges_children(tmp_path):
     with tarfile.open(out / "runs.tar.gz") as tar:
         names = tar.getnames()
     assert "bundled-n20-dense-allpos-s2020/results.json" in names and "part1.console.log" in names
+    assert (out / "bundled-n20-blossom-s2020" / "results.json").is_file()
 
 
 def test_summarize_reproduce_merges_seeds(tmp_path):
