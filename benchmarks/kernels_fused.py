@@ -208,8 +208,9 @@ def main():
 
     print("\nN      padded  fused fwd  fused f+b  split fwd  split f+b  baseline fwd  baseline f+b")
     for r in result["timings"]:
-        print(f"{r['N']:<6} {str(r['padded']):<7} {r['fused_fwd_ms']:>9} {r['fused_fwd_bwd_ms']:>10} {r['split_fwd_ms']:>10} "
-              f"{r['split_fwd_bwd_ms']:>10} {r.get('baseline_fwd_ms', '-'):>13} {r.get('baseline_fwd_bwd_ms', '-'):>13}")
+        print(f"{r['N']:<6} {str(r['padded']):<7} {r['fused_fwd_ms']:>9} {r['fused_fwd_bwd_ms']:>10} "
+              f"{r['split_fwd_ms']:>10} {r['split_fwd_bwd_ms']:>10} {r.get('baseline_fwd_ms', '-'):>13} "
+              f"{r.get('baseline_fwd_bwd_ms', '-'):>13}")
     out = os.environ.get("OUT")
     if out:
         os.makedirs(out, exist_ok=True)
