@@ -135,8 +135,9 @@ def device_op_events(trace_dir: str):
     """(HLO op name, duration ns, hlo module or None) of every op event in the trace under ``trace_dir``,
     and the names of the trace's lines.
 
-    GPU traces have a per-device plane with an "XLA Ops" line (one event per HLO instruction run); where
-    there is none (CPU), every event that carries an ``hlo_op`` stat counts.
+    Where a device plane has an "XLA Ops" line (one event per HLO instruction run), those events count;
+    otherwise every event that carries an ``hlo_op`` stat does: the kernel events of the GPU stream lines
+    (what jax 0.11.2 wrote on the H100, with command buffers off) or the thunk events of the CPU.
     """
     from jax.profiler import ProfileData
 
