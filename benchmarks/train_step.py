@@ -193,7 +193,7 @@ def profile_steps(run_step, pool, hlo_text: str, steps: int = 5, top: int = 15) 
 
 
 def run_config(attention, impl, dtype, seq_len, batch, warmup, iters, seed, profile=False,
-               rng_impl="threefry2x32"):
+               rng_impl="threefry2x32", top=15):
     cfg = ModelConfig(num_items=NUM_ITEMS, max_len=seq_len, attention=attention, attention_impl=impl,
                       compute_dtype=dtype, attn=AttentionConfig(), attention_dropout=0.0)
     model, optimizer, step, encoder_only, head_only, adam_only = build(cfg)
@@ -215,7 +215,7 @@ def run_config(attention, impl, dtype, seq_len, batch, warmup, iters, seed, prof
     row["step_ms"], loss = timed(run_step, pool, warmup, iters)
     row["loss"] = float(loss)
     if profile:
-        row["profile"] = profile_steps(run_step, pool, compiled.as_text())
+        row["profile"] = profile_steps(run_step, pool, compiled.as_text(), top=top)
     params = state[0]
     enc = jax.jit(encoder_only)
     row["encoder_fwdbwd_ms"], _ = timed(enc, [(params, s, l, key) for s, l, _ in pool], warmup, iters)
@@ -244,6 +244,7 @@ def main(argv=None):
                              "its own trace event (step_ms is then measured without them too)")
     parser.add_argument("--rng-impl", default="threefry2x32", choices=("threefry2x32", "rbg", "unsafe_rbg"),
                         help="PRNG implementation of the dropout key (default threefry2x32, the CLI's)")
+    parser.add_argument("--top", type=int, default=15, help="number of ops listed in the profile (top_ops_ms)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.profile:  # read when the backend starts, which has not happened yet
@@ -260,7 +261,7 @@ def main(argv=None):
             for dtype in args.dtypes:
                 try:
                     row = run_config(attention, impl, dtype, seq_len, batch, args.warmup, args.iters, args.seed,
-                                     args.profile, args.rng_impl)
+                                     args.profile, args.rng_impl, args.top)
                 except Exception as error:  # noqa: BLE001 - record and continue (e.g. OOM)
                     row = dict(attention=attention, impl=impl, dtype=dtype, N=seq_len, B=batch,
                                error=f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")

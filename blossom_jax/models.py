@@ -11,6 +11,37 @@ from blossom_jax.config import AttentionConfig, ModelConfig
 from blossom_jax.rope import apply_rope
 
 
+@jax.custom_vjp
+def embedding_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """Rows of ``table`` [V, D] at integer ``ids`` [...] -> [..., D] (same as ``jnp.take(table, ids, 0)``).
+
+    Only the backward differs from ``jnp.take``'s: the cotangents of padding positions (id 0) are summed
+    with one reduction and added to row 0, and only the other positions go through the scatter-add. The
+    gradient is the same, but a right-padded batch no longer sends half its tokens' atomic adds to one row
+    (on an H100 at N = 200, B = 2048 that contention made the scatter 1 ms of a 16 ms train step).
+    """
+    return jnp.take(table, ids, axis=0)
+
+
+def _embedding_lookup_fwd(table, ids):
+    return jnp.take(table, ids, axis=0), (table, ids)
+
+
+def _embedding_lookup_bwd(residuals, cotangent):
+    table, ids = residuals
+    rows, width = table.shape
+    flat_ids = ids.reshape(-1)
+    flat_cotangent = cotangent.reshape(-1, width)
+    padding = flat_ids == 0
+    padding_sum = jnp.sum(jnp.where(padding[:, None], flat_cotangent, 0), axis=0)
+    scatter_rows = jnp.where(padding, rows, flat_ids)  # row index `rows` is out of range: dropped
+    grad = jnp.zeros(table.shape, cotangent.dtype).at[scatter_rows].add(flat_cotangent, mode="drop")
+    return grad.at[0].add(padding_sum).astype(table.dtype), None
+
+
+embedding_lookup.defvjp(_embedding_lookup_fwd, _embedding_lookup_bwd)
+
+
 def _normal(config: ModelConfig):
     return nn.initializers.normal(stddev=config.initializer_range)
 
@@ -295,7 +326,8 @@ class SequentialRecommender(nn.Module):
         self._check(item_seq, item_seq_len)
         cfg = self.config
         valid = item_seq != 0
-        x = self.item_embedding(item_seq)
+        with jax.named_scope("item_embedding"):
+            x = embedding_lookup(self.item_embedding.embedding, item_seq)
         if cfg.attention == "dense":
             x = x + self.position_embedding(jnp.arange(item_seq.shape[1]))[None]
         x = self.embedding_dropout(self.embedding_norm(x), deterministic=deterministic)
