@@ -193,16 +193,18 @@ def profile_steps(run_step, pool, hlo_text: str, steps: int = 5, top: int = 15) 
 
 
 def run_config(attention, impl, dtype, seq_len, batch, warmup, iters, seed, profile=False,
-               rng_impl="threefry2x32", top=15):
+               rng_impl="threefry2x32", top=15, last_layer="rows"):
     cfg = ModelConfig(num_items=NUM_ITEMS, max_len=seq_len, attention=attention, attention_impl=impl,
-                      compute_dtype=dtype, attn=AttentionConfig(), attention_dropout=0.0)
+                      compute_dtype=dtype, attn=AttentionConfig(), attention_dropout=0.0,
+                      last_layer_rows=last_layer == "rows")
     model, optimizer, step, encoder_only, head_only, adam_only = build(cfg)
     rng = np.random.default_rng(seed)
     pool = [make_batch(rng, batch, seq_len) for _ in range(3)]
     params = model.init(jax.random.key(seed), pool[0][0][:2], pool[0][1][:2])["params"]
     opt_state = optimizer.init(params)
     key = jax.random.key(seed + 1, impl=rng_impl)  # dropout key: its impl sets the RNG of every dropout mask
-    row = dict(attention=attention, impl=impl, dtype=dtype, N=seq_len, B=batch, rng_impl=rng_impl)
+    row = dict(attention=attention, impl=impl, dtype=dtype, N=seq_len, B=batch, rng_impl=rng_impl,
+               last_layer=last_layer)
     step_jit = jax.jit(step, donate_argnums=(0, 1))
     compiled = step_jit.lower(params, opt_state, *pool[0], key).compile()
     row["step_peak_mb"] = peak_mb(compiled)
@@ -228,12 +230,17 @@ def run_config(attention, impl, dtype, seq_len, batch, warmup, iters, seed, prof
     return row
 
 
+def _impl_label(row: dict) -> str:
+    return row["impl"] + ("/full" if row.get("last_layer") == "full" else "")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["50:2048", "200:2048", "1024:256"], help="N:B pairs")
     parser.add_argument("--variants", nargs="+",
                         default=["blossom:auto", "blossom:xla", "dense:auto", "dense:xla"],
-                        help="attention:impl (dense:auto = cuDNN on GPU in bfloat16, dense:xla = XLA)")
+                        help="attention:impl[:full] (dense:auto = cuDNN on GPU in bfloat16, dense:xla = XLA; "
+                             ":full = the last layer at every position, ModelConfig.last_layer_rows=False)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
@@ -257,32 +264,32 @@ def main(argv=None):
     for shape in args.shapes:
         seq_len, batch = (int(x) for x in shape.split(":"))
         for variant in args.variants:
-            attention, impl = variant.split(":")
+            attention, impl, last_layer = (variant.split(":") + ["rows"])[:3]
             for dtype in args.dtypes:
                 try:
                     row = run_config(attention, impl, dtype, seq_len, batch, args.warmup, args.iters, args.seed,
-                                     args.profile, args.rng_impl, args.top)
+                                     args.profile, args.rng_impl, args.top, last_layer)
                 except Exception as error:  # noqa: BLE001 - record and continue (e.g. OOM)
-                    row = dict(attention=attention, impl=impl, dtype=dtype, N=seq_len, B=batch,
+                    row = dict(attention=attention, impl=impl, dtype=dtype, N=seq_len, B=batch, last_layer=last_layer,
                                error=f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")
                 rows.append(row)
                 print("row", json.dumps(row), flush=True)
                 if args.out:
                     with open(args.out, "w") as handle:
                         json.dump(dict(meta=meta, rows=rows), handle, indent=1)
-    print(f"\n{'attention':<9}{'impl':<6}{'dtype':<9}{'N':>6}{'B':>6}{'step ms':>9}{'peak MB':>9}"
+    print(f"\n{'attention':<9}{'impl':<10}{'dtype':<9}{'N':>6}{'B':>6}{'step ms':>9}{'peak MB':>9}"
           f"{'enc ms':>8}{'CE ms':>7}{'adam':>6}")
     for r in rows:
         if "error" in r:
-            print(f"{r['attention']:<9}{r['impl']:<6}{r['dtype']:<9}{r['N']:>6}{r['B']:>6}  {r['error'][:70]}")
+            print(f"{r['attention']:<9}{_impl_label(r):<10}{r['dtype']:<9}{r['N']:>6}{r['B']:>6}  {r['error'][:70]}")
             continue
-        print(f"{r['attention']:<9}{r['impl']:<6}{r['dtype']:<9}{r['N']:>6}{r['B']:>6}{r['step_ms']:>9.2f}"
+        print(f"{r['attention']:<9}{_impl_label(r):<10}{r['dtype']:<9}{r['N']:>6}{r['B']:>6}{r['step_ms']:>9.2f}"
               f"{r['step_peak_mb']:>9.0f}{r['encoder_fwdbwd_ms']:>8.2f}{r['ce_head_fwdbwd_ms']:>7.2f}"
               f"{r['adam_ms']:>6.2f}")
     for r in rows:
         if "profile" in r:
             parts = ", ".join(f"{k} {v:.2f}" for k, v in r["profile"]["by_component_ms"].items())
-            print(f"profile {r['attention']}:{r['impl']} {r['dtype']} N={r['N']} B={r['B']}: "
+            print(f"profile {r['attention']}:{_impl_label(r)} {r['dtype']} N={r['N']} B={r['B']}: "
                   f"{r['profile']['device_ms_per_step']:.2f} ms device/step = {parts}")
 
 

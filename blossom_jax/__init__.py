@@ -4,7 +4,7 @@ The package root stays light (jax + numpy only) so that ``blossom_jax.serving`` 
 flax or optax. Flax modules live in ``blossom_jax.models``; weight import in ``blossom_jax.interop``.
 """
 
-from blossom_jax.attention import blossom_attention, resolve_impl
+from blossom_jax.attention import blossom_attention, blossom_attention_rows, resolve_impl
 from blossom_jax.config import AttentionConfig, ModelConfig
 from blossom_jax.rope import apply_rope, rope_frequencies
 
@@ -15,6 +15,7 @@ __all__ = [
     "ModelConfig",
     "apply_rope",
     "blossom_attention",
+    "blossom_attention_rows",
     "resolve_impl",
     "rope_frequencies",
     "__version__",

@@ -6,6 +6,7 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from blossom_jax.config import IMPLEMENTATIONS, AttentionConfig
 from blossom_jax.ops import common, reference, xla
@@ -13,10 +14,15 @@ from blossom_jax.ops import common, reference, xla
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
-def _check_inputs(q, k, v, gates, compress_params, valid, config: AttentionConfig) -> None:
+def _check_inputs(q, k, v, gates, compress_params, valid, config: AttentionConfig,
+                  rows_only: bool = False) -> None:
+    """ValueError on any shape/dtype mismatch. ``rows_only``: q and gates hold Q query rows, k/v all N."""
     if q.ndim != 4:
-        raise ValueError(f"q must be [B, N, H, d], got shape {q.shape}")
-    batch, seq_len, num_heads, head_dim = q.shape
+        raise ValueError(f"q must be [B, {'Q' if rows_only else 'N'}, H, d], got shape {q.shape}")
+    batch, rows, num_heads, head_dim = q.shape
+    if rows_only and k.ndim != 4:
+        raise ValueError(f"k must be [B, N, Hk, d], got shape {k.shape}")
+    seq_len = k.shape[1] if rows_only else rows
     if seq_len < 1:
         raise ValueError(f"sequence length must be >= 1, got {seq_len}")
     if num_heads != config.num_heads or head_dim != config.head_dim:
@@ -32,10 +38,10 @@ def _check_inputs(q, k, v, gates, compress_params, valid, config: AttentionConfi
             raise ValueError(f"{name} must be float32 or bfloat16, got {x.dtype}")
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if tuple(gates.shape) != (batch, seq_len, num_heads, 2):
+    if tuple(gates.shape) != (batch, rows, num_heads, 2):
         raise ValueError(
-            f"gates must be [B, N, H, 2] = {(batch, seq_len, num_heads, 2)} (LTIS, STIS weight per head), "
-            f"got {gates.shape}")
+            f"gates must be [B, {'Q' if rows_only else 'N'}, H, 2] = {(batch, rows, num_heads, 2)} (LTIS, "
+            f"STIS weight per head), got {gates.shape}")
     if valid is not None:
         if tuple(valid.shape) != (batch, seq_len):
             raise ValueError(f"valid must be [B, N] = {(batch, seq_len)}, got {valid.shape}")
@@ -111,3 +117,55 @@ def blossom_attention(
     from blossom_jax.ops import pallas
 
     return pallas.blossom_attention_pallas(*args)
+
+
+def blossom_attention_rows(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    gates: jax.Array,
+    compress_params: Mapping[str, jax.Array],
+    *,
+    query_positions: jax.Array,
+    valid: jax.Array | None = None,
+    causal: bool | None = None,
+    config: AttentionConfig = AttentionConfig(),
+) -> jax.Array:
+    """BlossomRec attention for a few query positions per row (e.g. the last item, whose output becomes the
+    user vector), against the keys and values of every position.
+
+    Equal to ``blossom_attention(...)[b, query_positions[b, j]]`` computed over full queries, at a cost of
+    O(Q * (n * b + b + |STIS|)) keys per row: no kernel over all N queries runs. Plain XLA on every
+    backend (the work is a few small gathers).
+
+    Args:
+      q: rotated queries [B, Q, H, d] at ``query_positions``.
+      k, v: rotated keys and values [B, N, Hk, d] of every position.
+      gates: sigmoid gate values [B, Q, H, 2] of the query rows.
+      compress_params: as ``blossom_attention``.
+      query_positions: int [B, Q], each in 0..N-1.
+      valid: optional bool [B, N] (True = real item), right-padded. Default all valid.
+      causal: overrides ``config.causal`` when given.
+      config: the attention knobs.
+    Returns:
+      [B, Q, H, d] in q's dtype; 0 where the query position is not valid.
+    """
+    if causal is not None and causal != config.causal:
+        config = config.replace(causal=causal)
+    _check_inputs(q, k, v, gates, compress_params, valid, config, rows_only=True)
+    if tuple(query_positions.shape) != q.shape[:2]:
+        raise ValueError(f"query_positions must be [B, Q] = {q.shape[:2]}, got {query_positions.shape}")
+    if not jnp.issubdtype(query_positions.dtype, jnp.integer):
+        raise ValueError(f"query_positions must be integers, got {query_positions.dtype}")
+    try:  # concrete positions (an eager call, or a constant under jit) are checked; traced ones cannot be
+        concrete = np.asarray(query_positions)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        concrete = None
+    if concrete is not None and concrete.size:
+        low, high = int(concrete.min()), int(concrete.max())
+        if low < 0 or high >= k.shape[1]:
+            raise ValueError(f"query_positions must lie in [0, {k.shape[1] - 1}], got values in [{low}, {high}]")
+    if valid is None:
+        valid = jnp.ones(k.shape[:2], jnp.bool_)
+    return xla.blossom_attention_rows_xla(q, k, v, gates, compress_params, valid,
+                                          query_positions.astype(jnp.int32), config)

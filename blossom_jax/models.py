@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from blossom_jax.attention import blossom_attention
+from blossom_jax.attention import blossom_attention, blossom_attention_rows
 from blossom_jax.config import AttentionConfig, ModelConfig
 from blossom_jax.rope import apply_rope
 
@@ -42,6 +42,12 @@ def _embedding_lookup_bwd(residuals, cotangent):
 embedding_lookup.defvjp(_embedding_lookup_fwd, _embedding_lookup_bwd)
 
 
+def take_rows(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """x [B, N, ...] at int positions [B, Q] -> [B, Q, ...]."""
+    index = positions.astype(jnp.int32).reshape(positions.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, index, axis=1)
+
+
 def _normal(config: ModelConfig):
     return nn.initializers.normal(stddev=config.initializer_range)
 
@@ -63,8 +69,12 @@ class BlossomAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, valid: jax.Array) -> jax.Array:
-        """x [B, N, D], valid bool [B, N] -> [B, N, D] (before the layer's output Dense)."""
+    def __call__(self, x: jax.Array, valid: jax.Array, query_positions: jax.Array | None = None) -> jax.Array:
+        """x [B, N, D], valid bool [B, N] -> [B, N, D] (before the layer's output Dense).
+
+        With ``query_positions`` int [B, Q] only those query rows are computed: -> [B, Q, D]
+        (``blossom_attention_rows``; keys and values still come from every position).
+        """
         cfg = self.attn
         batch, seq_len, _ = x.shape
         heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -72,7 +82,12 @@ class BlossomAttention(nn.Module):
         qkv = nn.Dense(heads * head_dim + 2 * kv_heads * head_dim, use_bias=False, kernel_init=init,
                        dtype=self.dtype, name="to_qkv")(x)
         q, k, v = jnp.split(qkv, [heads * head_dim, (heads + kv_heads) * head_dim], axis=-1)
-        q = apply_rope(q.reshape(batch, seq_len, heads, head_dim), base=cfg.rope_base)
+        q = q.reshape(batch, seq_len, heads, head_dim)
+        if query_positions is None:
+            q = apply_rope(q, base=cfg.rope_base)
+        else:
+            q = apply_rope(take_rows(q, query_positions), base=cfg.rope_base, positions=query_positions)
+            x = take_rows(x, query_positions)
         k = apply_rope(k.reshape(batch, seq_len, kv_heads, head_dim), base=cfg.rope_base)
         v = v.reshape(batch, seq_len, kv_heads, head_dim)
 
@@ -88,10 +103,15 @@ class BlossomAttention(nn.Module):
         gate_logits = nn.Dense(2 * heads, kernel_init=init, bias_init=nn.initializers.zeros,
                                dtype=self.dtype, name="to_strategy_combine")(x)
         gates = jax.nn.sigmoid(gate_logits.astype(jnp.float32)).astype(q.dtype)
-        out = blossom_attention(q, k, v, gates.reshape(batch, seq_len, heads, 2), compress_params,
-                                valid=valid, config=cfg, impl=self.impl)
+        rows = q.shape[1]
+        gates = gates.reshape(batch, rows, heads, 2)
+        if query_positions is None:
+            out = blossom_attention(q, k, v, gates, compress_params, valid=valid, config=cfg, impl=self.impl)
+        else:
+            out = blossom_attention_rows(q, k, v, gates, compress_params, query_positions=query_positions,
+                                         valid=valid, config=cfg)
         return nn.Dense(x.shape[-1], use_bias=False, kernel_init=init, dtype=self.dtype,
-                        name="combine_heads")(out.reshape(batch, seq_len, heads * head_dim))
+                        name="combine_heads")(out.reshape(batch, rows, heads * head_dim))
 
 
 # Dense attention kernels ----------------------------------------------------------------------------
@@ -218,29 +238,41 @@ class DenseAttention(nn.Module):
     impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jax.Array, valid: jax.Array, deterministic: bool = True) -> jax.Array:
-        """x [B, N, D], valid bool [B, N] -> merged heads [B, N, D] (before the output Dense)."""
+    def __call__(self, x: jax.Array, valid: jax.Array, deterministic: bool = True,
+                 query_positions: jax.Array | None = None) -> jax.Array:
+        """x [B, N, D], valid bool [B, N] -> merged heads [B, N, D] (before the output Dense).
+
+        With ``query_positions`` int [B, Q] only those query rows are computed: -> [B, Q, D] (explicit
+        boolean mask over the N keys, XLA).
+        """
         batch, seq_len, hidden = x.shape
         head_dim = hidden // self.num_heads
         init = nn.initializers.normal(stddev=self.init_std)
+        query_x = x if query_positions is None else take_rows(x, query_positions)
 
-        def project(name):
-            y = nn.Dense(hidden, kernel_init=init, dtype=self.dtype, name=name)(x)
-            return y.reshape(batch, seq_len, self.num_heads, head_dim)
+        def project(name, inputs):
+            y = nn.Dense(hidden, kernel_init=init, dtype=self.dtype, name=name)(inputs)
+            return y.reshape(batch, inputs.shape[1], self.num_heads, head_dim)
 
-        q, k, v = project("query"), project("key"), project("value")
-        if self.attention_dropout > 0.0 and not deterministic:
-            mask = jnp.broadcast_to(valid[:, None, None, :], (batch, 1, seq_len, seq_len))
+        q, k, v = project("query", query_x), project("key", x), project("value", x)
+        rows = q.shape[1]
+        dropout = self.attention_dropout > 0.0 and not deterministic
+        if dropout or query_positions is not None:
+            mask = jnp.broadcast_to(valid[:, None, None, :], (batch, 1, rows, seq_len))
             if self.causal:
-                mask = mask & jnp.tril(jnp.ones((seq_len, seq_len), jnp.bool_))[None, None]
+                query_pos = (jnp.arange(seq_len)[None] if query_positions is None else query_positions)
+                mask = mask & (jnp.arange(seq_len) <= query_pos[..., None])[:, None]
+        if dropout:
             scores = jnp.einsum("bihd,bjhd->bhij", q, k).astype(jnp.float32) / jnp.sqrt(head_dim)
             probs = jax.nn.softmax(jnp.where(mask, scores, -1e9), axis=-1)
             probs = nn.Dropout(self.attention_dropout)(probs, deterministic=False)
             out = jnp.einsum("bhij,bjhd->bihd", probs.astype(v.dtype), v)
+        elif query_positions is not None:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
         else:
             out = dense_attention(q, k, v, valid, causal=self.causal,
                                   impl=dense_impl(self.impl, q.dtype, head_dim))
-        return out.reshape(batch, seq_len, hidden)
+        return out.reshape(batch, rows, hidden)
 
 
 class TransformerLayer(nn.Module):
@@ -249,18 +281,22 @@ class TransformerLayer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, valid: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, valid: jax.Array, deterministic: bool = True,
+                 query_positions: jax.Array | None = None) -> jax.Array:
+        """x [B, N, D] -> [B, N, D]; with ``query_positions`` int [B, Q] only those rows: -> [B, Q, D]."""
         cfg = self.config
         init = _normal(cfg)
         dtype = _dtype(cfg)
         if cfg.attention == "blossom":
             attended = BlossomAttention(cfg.attn, impl=cfg.attention_impl, init_std=cfg.initializer_range,
-                                        dtype=dtype, name="blossom_attention")(x, valid)
+                                        dtype=dtype, name="blossom_attention")(x, valid, query_positions)
         else:
             attended = DenseAttention(cfg.attn.num_heads, causal=cfg.causal,
                                       attention_dropout=cfg.attention_dropout,
-                                      init_std=cfg.initializer_range, dtype=dtype,
-                                      impl=cfg.attention_impl, name="dense_attention")(x, valid, deterministic)
+                                      init_std=cfg.initializer_range, dtype=dtype, impl=cfg.attention_impl,
+                                      name="dense_attention")(x, valid, deterministic, query_positions)
+        if query_positions is not None:
+            x = take_rows(x, query_positions)
         attended = nn.Dense(cfg.hidden_size, kernel_init=init, dtype=dtype, name="attention_dense")(attended)
         attended = nn.Dropout(cfg.dropout)(attended, deterministic=deterministic)
         x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=jnp.float32, name="attention_norm")(
@@ -321,8 +357,13 @@ class SequentialRecommender(nn.Module):
             raise ValueError(f"item_seq_len must be [B] = [{item_seq.shape[0]}], got {item_seq_len.shape}")
 
     def encode(self, item_seq: jax.Array, item_seq_len: jax.Array | None = None,
-               deterministic: bool = True) -> jax.Array:
-        """Hidden states of every position. item_seq int [B, N] (0 = padding) -> float32 [B, N, D]."""
+               deterministic: bool = True, query_positions: jax.Array | None = None) -> jax.Array:
+        """Hidden states of every position. item_seq int [B, N] (0 = padding) -> float32 [B, N, D].
+
+        With ``query_positions`` int [B, Q]: only the hidden states at those positions, float32 [B, Q, D].
+        The last layer then computes only those rows (its keys and values still come from every position
+        of the layer below), which is exact: nothing else reads that layer's other rows.
+        """
         self._check(item_seq, item_seq_len)
         cfg = self.config
         valid = item_seq != 0
@@ -331,8 +372,9 @@ class SequentialRecommender(nn.Module):
         if cfg.attention == "dense":
             x = x + self.position_embedding(jnp.arange(item_seq.shape[1]))[None]
         x = self.embedding_dropout(self.embedding_norm(x), deterministic=deterministic)
-        for layer in self.layers:
-            x = layer(x, valid, deterministic)
+        for index, layer in enumerate(self.layers):
+            last = index == len(self.layers) - 1
+            x = layer(x, valid, deterministic, query_positions if last else None)
         return x
 
     def __call__(self, item_seq: jax.Array, item_seq_len: jax.Array,
@@ -344,8 +386,10 @@ class SequentialRecommender(nn.Module):
             position = item_seq_len - 1
         else:
             item_seq, position = place_mask_token(item_seq, item_seq_len, self.config.mask_token_id)
-        hidden = self.encode(item_seq, item_seq_len, deterministic)
-        return jnp.take_along_axis(hidden, position[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+        position = position.astype(jnp.int32)[:, None]
+        if self.config.last_layer_rows:
+            return self.encode(item_seq, item_seq_len, deterministic, query_positions=position)[:, 0]
+        return take_rows(self.encode(item_seq, item_seq_len, deterministic), position)[:, 0]
 
     def item_logits(self, x: jax.Array) -> jax.Array:
         """Scores of every item id: x [..., D] -> float32 [..., num_items + 1] (column 0 = padding)."""

@@ -110,6 +110,37 @@ def test_causal_prefix_property_and_call(attention):
     np.testing.assert_allclose(logits, model.apply(variables, users, method="item_logits"), atol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["blossom", "dense"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_last_layer_rows_equals_full_last_layer(attention, causal):
+    """The user vectors, their gradients, and encode(query_positions) agree with the full last layer."""
+    config = ModelConfig(**{**SMALL, "attention": attention, "causal": causal, "dropout": 0.0,
+                            "attention_dropout": 0.0})
+    full = config.replace(last_layer_rows=False)
+    model, variables, seq, lengths = _init(config)
+    full_model = SequentialRecommender(full)
+    targets = jnp.arange(seq.shape[0]) % config.num_items + 1
+
+    def loss(params, m):
+        logits = m.apply({"params": params}, seq, lengths, method="score")
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[jnp.arange(seq.shape[0]), targets])
+
+    np.testing.assert_allclose(model.apply(variables, seq, lengths), full_model.apply(variables, seq, lengths),
+                               atol=1e-5)
+    grads = jax.grad(loss)(variables["params"], model)
+    full_grads = jax.grad(loss)(variables["params"], full_model)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads)):
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-4)
+    positions = jnp.asarray(np.random.default_rng(3).integers(0, config.max_len, size=(seq.shape[0], 5)))
+    rows = model.apply(variables, seq, lengths, method="encode", query_positions=positions)
+    hidden = model.apply(variables, seq, lengths, method="encode")
+    np.testing.assert_allclose(rows, hidden[jnp.arange(seq.shape[0])[:, None], positions], atol=1e-5)
+    # Training mode (dropout, and the dense model's attention-probability dropout) runs on the rows path.
+    train = SequentialRecommender(config.replace(dropout=0.2, attention_dropout=0.2))
+    users = train.apply(variables, seq, lengths, deterministic=False, rngs={"dropout": jax.random.key(0)})
+    assert users.shape == (seq.shape[0], config.hidden_size) and bool(jnp.all(jnp.isfinite(users)))
+
+
 def test_dropout_changes_training_outputs_only():
     config = ModelConfig(**SMALL)
     model, variables, seq, lengths = _init(config)

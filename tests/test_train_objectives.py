@@ -52,6 +52,25 @@ def test_all_positions_loss_equals_mean_of_prefix_losses(split, attention):
     np.testing.assert_allclose(float(all_pos), float(prefix), rtol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["blossom", "dense"])
+def test_masked_item_loss_rows_only_equals_full_last_layer(split, attention):
+    """BERT4Rec's loss computes the last layer only at the masked positions; same value and gradient."""
+    cfg, model = _model(split, dropout=0.0, attention_dropout=0.0, attention=attention, bidirectional=True,
+                        num_layers=2)
+    full = SequentialRecommender(model.config.replace(last_layer_rows=False))
+    loss_fn, _ = select_loss("prefix", "ce", True, 0.2)
+    params = jax.jit(lambda: init_params(model, jax.random.PRNGKey(0), cfg.max_len))()
+    windows = D.window_examples(split, cfg.max_len).take(np.arange(16))
+    batch = {k: jnp.asarray(v) for k, v in
+             D.make_batch(split.items, windows, np.arange(16), 16, cfg.max_len, "none").items() if k != "user"}
+    rng = jax.random.PRNGKey(4)
+    grad_fn = lambda m: jax.jit(jax.value_and_grad(lambda p: loss_fn(m, {"params": p}, batch, rng)[0]))  # noqa: E731
+    (loss, grads), (full_loss, full_grads) = grad_fn(model)(params), grad_fn(full)(params)
+    np.testing.assert_allclose(float(loss), float(full_loss), rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads)):
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-4)
+
+
 def test_masked_positions():
     lengths = jnp.array([1, 2, 7, 20, 13])
     pos, sel = masked_positions(jax.random.PRNGKey(0), lengths, 20, 0.2)

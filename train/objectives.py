@@ -99,9 +99,13 @@ def masked_item_loss(model: nn.Module, variables: Any, batch: Batch, rng: jax.Ar
     positions, selected = masked_positions(mask_rng, batch["len"], seq.shape[1], ratio)
     targets = seq[rows, positions]  # [B, M]
     masked = seq.at[rows, positions].set(jnp.where(selected, model.config.mask_token_id, targets))
-    hidden = model.apply(variables, masked, batch["len"], deterministic=False, rngs={"dropout": drop_rng},
-                         method="encode")
-    logits = model.apply(variables, hidden[rows, positions], method="item_logits").astype(jnp.float32)
+    if model.config.last_layer_rows:  # the last layer only at the masked positions (exact, see ModelConfig)
+        hidden = model.apply(variables, masked, batch["len"], deterministic=False, rngs={"dropout": drop_rng},
+                             method="encode", query_positions=positions)
+    else:
+        hidden = model.apply(variables, masked, batch["len"], deterministic=False, rngs={"dropout": drop_rng},
+                             method="encode")[rows, positions]
+    logits = model.apply(variables, hidden, method="item_logits").astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     return _weighted_mean(ce, batch["weight"][:, None] * selected)
 

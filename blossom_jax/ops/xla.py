@@ -78,7 +78,7 @@ def _select_chunk(mean_query: jax.Array, compressed: jax.Array, block_valid: jax
 
     Args:
       mean_query: float32 [B, C, Hk, d]; compressed: float32 [B, Hk, Nc, d]; block_valid: bool [B, Nc];
-      query_pos: int [C] absolute query positions.
+      query_pos: int [C] or [B, C] absolute query positions.
     Returns:
       selected_blocks int32 [B, Hk, C, n'], kept bool [B, Hk, C, n'], selected_probs float32 [B, Hk, C, n']
       with n' = min(n, Nc).
@@ -89,7 +89,8 @@ def _select_chunk(mean_query: jax.Array, compressed: jax.Array, block_valid: jax
     visible = block_valid[:, None, None, :]
     if config.causal:
         block_end = jnp.arange(n_blocks) * stride + stride - 1
-        visible = visible & (block_end[None, :] < query_pos[:, None])[None, None]
+        before = block_end < query_pos[..., None]  # [C, Nc] or [B, C, Nc]
+        visible = visible & (before[None, None] if before.ndim == 2 else before[:, None])
     probs = common.selection_probabilities(scores, visible)
     top_probs, selected = jax.lax.top_k(jax.lax.stop_gradient(probs), min(config.num_selected, n_blocks))
     kept = top_probs > config.keep_threshold
@@ -256,3 +257,121 @@ def blossom_attention_xla(
     out = gates[..., 0:1] * o_ltis + gates[..., 1:2] * o_stis
     out = jnp.where(valid[:, :, None, None, None], out, 0.0)
     return out.reshape(batch, seq_len, num_heads, head_dim).astype(q.dtype)
+
+
+def _take_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """x [B, N, ...] at int positions [B, P] -> [B, P, ...] (positions must be in range)."""
+    index = positions.reshape(positions.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, index, axis=1)
+
+
+def _rows_attention(q, scores_mask_values, scale):
+    """One softmax over the concatenation of several key sets of each query row.
+
+    q: float32 [B, Q, Hk, G, d]; scores_mask_values: list of (keys [B, Q, Hk, T, d], mask bool broadcastable
+    to [B, Q, Hk, G, T], values [B, Q, Hk, T, d], factor float32 broadcastable to [B, Q, Hk, G, T]).
+    Returns float32 [B, Q, Hk, G, d].
+    """
+    scores = jnp.concatenate([jnp.einsum("bqhgd,bqhtd->bqhgt", q, keys) * scale
+                              for keys, _, _, _ in scores_mask_values], axis=-1)
+    shape = scores.shape
+    mask = jnp.concatenate([jnp.broadcast_to(m, shape[:-1] + (keys.shape[3],))
+                            for keys, m, _, _ in scores_mask_values], axis=-1)
+    factor = jnp.concatenate([jnp.broadcast_to(f, shape[:-1] + (keys.shape[3],))
+                              for keys, _, _, f in scores_mask_values], axis=-1)
+    values = jnp.concatenate([v for _, _, v, _ in scores_mask_values], axis=3)
+    weights = common.masked_softmax(scores, mask) * factor
+    return jnp.einsum("bqhgt,bqhtd->bqhgd", weights, values)
+
+
+def blossom_attention_rows_xla(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    gates: jax.Array,
+    compress_params: Mapping[str, jax.Array],
+    valid: jax.Array,
+    query_positions: jax.Array,
+    config: AttentionConfig,
+) -> jax.Array:
+    """BlossomRec attention of a few query positions per row against every key (SPEC 3-5).
+
+    Args:
+      q: rotated queries [B, Q, H, d] at ``query_positions`` int [B, Q] (each in 0..N-1);
+      k, v: [B, N, Hk, d] at every position; gates: [B, Q, H, 2]; valid: bool [B, N].
+    Returns:
+      [B, Q, H, d] in q's dtype: rows ``query_positions`` of ``blossom_attention_xla``'s output (0 where
+      the query position is invalid). Gathers O(Q * (n * b + b + |STIS|)) keys per row, nothing of size N
+      per query.
+    """
+    batch, rows, num_heads, head_dim = q.shape
+    seq_len = k.shape[1]
+    kv_heads, group, block = config.num_kv_heads, config.group_size, config.selection_block
+    query_valid = _take_positions(valid, query_positions)  # [B, Q]
+    if config.causal:
+        q = jnp.where(query_valid[:, :, None, None], q, 0)
+        k, v = (jnp.where(valid[:, :, None, None], x, 0) for x in (k, v))
+    qf = q.astype(jnp.float32).reshape(batch, rows, kv_heads, group, head_dim)
+    kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
+    scale = 1.0 / jnp.sqrt(jnp.float32(head_dim))
+    row_ok = query_valid[:, :, None, None, None]
+
+    def gather_keys(positions):
+        """positions int [B, Q, T] (may be out of range) -> keys, values [B, Q, Hk, T, d], in-range bool."""
+        inside = (positions >= 0) & (positions < seq_len)
+        flat = jnp.clip(positions, 0, seq_len - 1).reshape(batch, -1)
+        keys, values = (jnp.moveaxis(_take_positions(x, flat).reshape(batch, rows, -1, kv_heads, head_dim),
+                                     2, 3) for x in (kf, vf))
+        key_ok = inside & _take_positions(valid, flat).reshape(positions.shape)
+        return keys, values, key_ok
+
+    # LTIS: kept selected blocks + (causal) the own block, one softmax.
+    ltis_parts = []
+    compressed = common.compress_keys(k, compress_params, config)
+    n_blocks = compressed.shape[2]
+    ones = jnp.ones((), jnp.float32)
+    if n_blocks > 0:
+        key_blocks, value_blocks = (jnp.transpose(
+            x[:, : n_blocks * block].reshape(batch, n_blocks, block, kv_heads, head_dim), (0, 3, 1, 2, 4))
+            for x in (kf, vf))
+        block_key_valid = valid[:, : n_blocks * block].reshape(batch, n_blocks, block)
+        selected, kept, selected_probs = _select_chunk(qf.mean(3), compressed, block_key_valid.any(-1),
+                                                       query_positions, config)  # [B, Hk, Q, n]
+        count = selected.shape[-1]
+        to_rows = lambda x: jnp.moveaxis(x, 2, 1)  # [B, Hk, Q, ...] -> [B, Q, Hk, ...]  # noqa: E731
+        sel_keys, sel_values = (to_rows(_gather_blocks(x, selected)).reshape(
+            batch, rows, kv_heads, count * block, head_dim) for x in (key_blocks, value_blocks))
+        sel_mask = jnp.repeat(to_rows(kept), block, axis=-1)  # [B, Q, Hk, n*b]
+        if config.mask_padded_block_keys:
+            key_ok = jax.vmap(lambda table, index: table[index])(block_key_valid, selected.reshape(batch, -1))
+            sel_mask = sel_mask & to_rows(key_ok.reshape(batch, kv_heads, rows, count * block))
+        factor = ones
+        if config.straight_through:
+            factor = jnp.repeat(common.straight_through_factor(to_rows(selected_probs)), block,
+                                axis=-1)[:, :, :, None]
+        ltis_parts.append((sel_keys, sel_mask[:, :, :, None], sel_values, factor))
+    if config.causal:
+        own = (query_positions // block * block)[..., None] + jnp.arange(block)  # [B, Q, b]
+        own_keys, own_values, own_ok = gather_keys(own)
+        own_ok = own_ok & (own <= query_positions[..., None])
+        ltis_parts.append((own_keys, own_ok[:, :, None, None], own_values, ones))
+    if ltis_parts:
+        o_ltis = jnp.where(row_ok, _rows_attention(qf, ltis_parts, scale), 0.0)
+    else:
+        o_ltis = jnp.zeros_like(qf)
+
+    # STIS: the fixed offset pattern (and the bidirectional sink), its own softmax.
+    offsets = jnp.asarray(stis_offsets(seq_len, config), jnp.int32)
+    stis_pos = query_positions[..., None] - offsets  # [B, Q, T]
+    stis_keys, stis_values, stis_ok = gather_keys(stis_pos)
+    stis_parts = [(stis_keys, stis_ok[:, :, None, None], stis_values, ones)]
+    if config.sink and not config.causal:
+        sink_pos = jnp.full(query_positions.shape + (1,), seq_len - 1, jnp.int32)
+        sink_keys, sink_values, sink_ok = gather_keys(sink_pos)
+        sink_ok = sink_ok & (seq_len - 1 - query_positions >= config.window)[..., None]
+        stis_parts.append((sink_keys, sink_ok[:, :, None, None], sink_values, ones))
+    o_stis = jnp.where(row_ok, _rows_attention(qf, stis_parts, scale), 0.0)
+
+    gates = gates.astype(jnp.float32).reshape(batch, rows, kv_heads, group, 2)
+    out = gates[..., 0:1] * o_ltis + gates[..., 1:2] * o_stis
+    return out.reshape(batch, rows, num_heads, head_dim).astype(q.dtype)
