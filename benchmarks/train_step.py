@@ -193,7 +193,7 @@ def profile_steps(run_step, pool, hlo_text: str, steps: int = 5, top: int = 15) 
 
 
 def run_config(attention, impl, dtype, seq_len, batch, warmup, iters, seed, profile=False,
-               rng_impl="threefry2x32", top=15, last_layer="rows"):
+               rng_impl="threefry2x32", top=15, last_layer="rows", breakdown=True):
     cfg = ModelConfig(num_items=NUM_ITEMS, max_len=seq_len, attention=attention, attention_impl=impl,
                       compute_dtype=dtype, attn=AttentionConfig(), attention_dropout=0.0,
                       last_layer_rows=last_layer == "rows")
@@ -218,6 +218,8 @@ def run_config(attention, impl, dtype, seq_len, batch, warmup, iters, seed, prof
     row["loss"] = float(loss)
     if profile:
         row["profile"] = profile_steps(run_step, pool, compiled.as_text(), top=top)
+    if not breakdown:
+        return row
     params = state[0]
     enc = jax.jit(encoder_only)
     row["encoder_fwdbwd_ms"], _ = timed(enc, [(params, s, l, key) for s, l, _ in pool], warmup, iters)
@@ -251,6 +253,8 @@ def main(argv=None):
                              "its own trace event (step_ms is then measured without them too)")
     parser.add_argument("--rng-impl", default="threefry2x32", choices=("threefry2x32", "rbg", "unsafe_rbg"),
                         help="PRNG implementation of the dropout key (default threefry2x32, the CLI's)")
+    parser.add_argument("--no-breakdown", action="store_true",
+                        help="time the whole step only (skip the encoder / CE head / Adam sub-timings)")
     parser.add_argument("--top", type=int, default=15, help="number of ops listed in the profile (top_ops_ms)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -268,7 +272,8 @@ def main(argv=None):
             for dtype in args.dtypes:
                 try:
                     row = run_config(attention, impl, dtype, seq_len, batch, args.warmup, args.iters, args.seed,
-                                     args.profile, args.rng_impl, args.top, last_layer)
+                                     args.profile, args.rng_impl, args.top, last_layer,
+                                     not args.no_breakdown)
                 except Exception as error:  # noqa: BLE001 - record and continue (e.g. OOM)
                     row = dict(attention=attention, impl=impl, dtype=dtype, N=seq_len, B=batch, last_layer=last_layer,
                                error=f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")
@@ -283,9 +288,10 @@ def main(argv=None):
         if "error" in r:
             print(f"{r['attention']:<9}{_impl_label(r):<10}{r['dtype']:<9}{r['N']:>6}{r['B']:>6}  {r['error'][:70]}")
             continue
+        parts = "".join(f"{r[k]:>{w}.2f}" if k in r else f"{'-':>{w}}"
+                        for k, w in (("encoder_fwdbwd_ms", 8), ("ce_head_fwdbwd_ms", 7), ("adam_ms", 6)))
         print(f"{r['attention']:<9}{_impl_label(r):<10}{r['dtype']:<9}{r['N']:>6}{r['B']:>6}{r['step_ms']:>9.2f}"
-              f"{r['step_peak_mb']:>9.0f}{r['encoder_fwdbwd_ms']:>8.2f}{r['ce_head_fwdbwd_ms']:>7.2f}"
-              f"{r['adam_ms']:>6.2f}")
+              f"{r['step_peak_mb']:>9.0f}{parts}")
     for r in rows:
         if "profile" in r:
             parts = ", ".join(f"{k} {v:.2f}" for k, v in r["profile"]["by_component_ms"].items())

@@ -1,5 +1,5 @@
-"""Helpers shared by the Pallas GPU (Triton lowering) kernels: compiler params, integer helpers, the exact
-float32 dot, head-dim padding and the packed-row bookkeeping of (query, head) rows.
+"""Helpers shared by the Pallas GPU (Triton lowering) kernels: compiler params, integer helpers, the float32
+dot precision, head-dim padding and the packed-row bookkeeping of (query, head) rows.
 
 Every array a Triton kernel touches must have a power-of-two number of elements and every matmul operand
 dimension must be >= 16; the kernel wrappers round up with these helpers and mask.
@@ -45,13 +45,27 @@ def irem(x, c: int):
     return lax.rem(x, jnp.full_like(x, c))
 
 
-def dot(a, b, trans_a: bool = False, trans_b: bool = False):
-    """2-D matmul with float32 accumulation. float32 operands use exact (IEEE) products: without an explicit
-    precision the GPU default can be TF32 (seen with jax 0.11.2: ~1e-3 relative error, and selections that
-    differ from the float32 reference)."""
-    exact = a.dtype == jnp.float32 and b.dtype == jnp.float32
+_IEEE_SETTINGS = ("highest", "float32", "f32_f32_f32", "precision.highest")
+
+
+def float32_products_exact() -> bool:
+    """Whether float32 attention dots use IEEE products: only when ``jax_default_matmul_precision`` asks for
+    "highest"/"float32" at trace time. Otherwise they follow JAX's default on GPUs, TF32 tensor-core products
+    (~1e-3 relative error), like every float32 XLA dot of the same model (projections, FFN)."""
+    setting = jax.config.jax_default_matmul_precision
+    return setting is not None and str(setting).lower() in _IEEE_SETTINGS
+
+
+def dot(a, b, trans_a: bool = False, trans_b: bool = False, exact: bool = False):
+    """2-D matmul with float32 accumulation.
+
+    float32 operands: IEEE products when ``exact`` (the block-selection scores, whose top-n choice must equal
+    the float32 reference's) or when ``float32_products_exact()``; else the GPU default, TF32 (measured with
+    jax 0.11.2: ~1e-3 relative error, and without ``exact`` selections that differ from the reference).
+    """
+    ieee = a.dtype == jnp.float32 and b.dtype == jnp.float32 and (exact or float32_products_exact())
     return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b,
-                     precision=lax.Precision.HIGHEST if exact else None)
+                     precision=lax.Precision.HIGHEST if ieee else None)
 
 
 def padded_head_dim(d: int) -> int:

@@ -148,7 +148,7 @@ def _select_kernel(qm_ref, ck_ref, bv_ref, out_ref, *, seq_len, nc, n_sel, n_pad
         col_in = cols < nc
         ck = plgpu.load(ck_ref.at[pl.ds(k0, bk), :], mask=col_in[:, None], other=0.0).astype(jnp.float32)
         bv = plgpu.load(bv_ref.at[pl.ds(k0, bk)], mask=col_in, other=0)
-        s = _dot(qm, ck, trans_b=True) * scale  # [bq, bk] f32
+        s = _dot(qm, ck, trans_b=True, exact=True) * scale  # [bq, bk] f32, IEEE: decides the top-n
         vis = (col_in & (bv != 0))[None, :]
         if causal:
             vis = vis & ((cols * block_size + (block_size - 1))[None, :] < rows[:, None])
