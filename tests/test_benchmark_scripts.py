@@ -209,3 +209,26 @@ def test_train_step_profile_attributes_device_time(tmp_path, monkeypatch):
     assert step.component_of("jit(step)/transpose(jvp(M))/M.encode/layer_0/blossom_attention/x/pallas_call") \
         == "attention_kernels"
     assert step.component_of(None) == "unattributed"
+
+
+def test_train_step_full_last_layer_variant_and_no_breakdown(tmp_path):
+    """``attention:impl:full`` turns ModelConfig.last_layer_rows off; --no-breakdown times the step only."""
+    step = _load("train_step")
+    out = tmp_path / "ts.json"
+    step.main(["--shapes", "20:4", "--variants", "blossom:xla", "dense:xla:full", "--dtypes", "float32",
+               "--iters", "1", "--warmup", "1", "--no-breakdown", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["last_layer"] for r in rows] == ["rows", "full"]
+    for row in rows:
+        assert "error" not in row and row["step_ms"] > 0 and "encoder_fwdbwd_ms" not in row
+
+
+def test_dropout_rng_benchmark(tmp_path):
+    """Every (PRNG impl, draw) pair runs and drops close to the 20 % it is asked to."""
+    bench = _load("dropout_rng")
+    out = tmp_path / "dropout.json"
+    bench.main(["--shape", "16,32,64", "--warmup", "1", "--iters", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == len(bench.IMPLS) * len(bench.DRAWS)
+    for row in rows:
+        assert row["ms"] > 0 and abs(row["kept_fraction"] - 0.8) < 0.02, row

@@ -9,7 +9,7 @@ import pytest
 
 from blossom_jax import AttentionConfig, ModelConfig, apply_rope
 from blossom_jax.interop import load_reference_state_dict, to_reference_state_dict
-from blossom_jax.models import SequentialRecommender, place_mask_token
+from blossom_jax.models import SequentialRecommender, embedding_lookup, place_mask_token
 from conftest import shared_path
 
 SMALL = dict(num_items=40, max_len=37, hidden_size=32, inner_size=64, num_layers=2,
@@ -139,6 +139,23 @@ def test_last_layer_rows_equals_full_last_layer(attention, causal):
     train = SequentialRecommender(config.replace(dropout=0.2, attention_dropout=0.2))
     users = train.apply(variables, seq, lengths, deterministic=False, rngs={"dropout": jax.random.key(0)})
     assert users.shape == (seq.shape[0], config.hidden_size) and bool(jnp.all(jnp.isfinite(users)))
+
+
+def test_embedding_lookup_gradient_equals_take():
+    """The lookup's backward (padding summed apart from the scatter) gives jnp.take's gradient exactly in
+    value: repeated ids, padding (id 0), all-padding rows."""
+    rng = np.random.default_rng(0)
+    table = jnp.asarray(rng.normal(size=(9, 6)), jnp.float32)
+    ids = jnp.asarray([[3, 3, 0, 0], [0, 0, 0, 0], [8, 1, 3, 0]], jnp.int32)
+    cotangent = jnp.asarray(rng.normal(size=(3, 4, 6)), jnp.float32)
+    got_out, got_vjp = jax.vjp(lambda t: embedding_lookup(t, ids), table)
+    want_out, want_vjp = jax.vjp(lambda t: jnp.take(t, ids, axis=0), table)
+    np.testing.assert_array_equal(got_out, want_out)
+    np.testing.assert_allclose(got_vjp(cotangent)[0], want_vjp(cotangent)[0], atol=1e-6)
+    grad = jax.jit(jax.grad(lambda t: jnp.sum(embedding_lookup(t, ids) ** 2)))(table)
+    np.testing.assert_allclose(grad[0], 2 * table[0] * 7, rtol=1e-6)  # seven padding positions
+    np.testing.assert_allclose(grad[3], 2 * table[3] * 3, rtol=1e-6)
+    assert float(jnp.abs(grad[2]).sum()) == 0.0
 
 
 def test_dropout_changes_training_outputs_only():
