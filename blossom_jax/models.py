@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from blossom_jax.attention import blossom_attention, blossom_attention_rows
 from blossom_jax.config import AttentionConfig, ModelConfig
+from blossom_jax.ops.common import take_rows
 from blossom_jax.rope import apply_rope
 
 
@@ -40,12 +41,6 @@ def _embedding_lookup_bwd(residuals, cotangent):
 
 
 embedding_lookup.defvjp(_embedding_lookup_fwd, _embedding_lookup_bwd)
-
-
-def take_rows(x: jax.Array, positions: jax.Array) -> jax.Array:
-    """x [B, N, ...] at int positions [B, Q] -> [B, Q, ...]."""
-    index = positions.astype(jnp.int32).reshape(positions.shape + (1,) * (x.ndim - 2))
-    return jnp.take_along_axis(x, index, axis=1)
 
 
 def _normal(config: ModelConfig):

@@ -102,3 +102,9 @@ def selection_probabilities(scores: jax.Array, visible: jax.Array) -> jax.Array:
 def straight_through_factor(prob: jax.Array) -> jax.Array:
     """1 in value, d/dprob = 1 in gradient: scales a selected block's attention weights (SPEC 3.6 option)."""
     return 1.0 + prob - jax.lax.stop_gradient(prob)
+
+
+def take_rows(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """x [B, N, ...] at int positions [B, P] -> [B, P, ...] (positions must be in range)."""
+    index = positions.astype(jnp.int32).reshape(positions.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, index, axis=1)

@@ -259,12 +259,6 @@ def blossom_attention_xla(
     return out.reshape(batch, seq_len, num_heads, head_dim).astype(q.dtype)
 
 
-def _take_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
-    """x [B, N, ...] at int positions [B, P] -> [B, P, ...] (positions must be in range)."""
-    index = positions.reshape(positions.shape + (1,) * (x.ndim - 2))
-    return jnp.take_along_axis(x, index, axis=1)
-
-
 def _rows_attention(q, scores_mask_values, scale):
     """One softmax over the concatenation of several key sets of each query row.
 
@@ -307,7 +301,7 @@ def blossom_attention_rows_xla(
     batch, rows, num_heads, head_dim = q.shape
     seq_len = k.shape[1]
     kv_heads, group, block = config.num_kv_heads, config.group_size, config.selection_block
-    query_valid = _take_positions(valid, query_positions)  # [B, Q]
+    query_valid = common.take_rows(valid, query_positions)  # [B, Q]
     if config.causal:
         q = jnp.where(query_valid[:, :, None, None], q, 0)
         k, v = (jnp.where(valid[:, :, None, None], x, 0) for x in (k, v))
@@ -320,9 +314,9 @@ def blossom_attention_rows_xla(
         """positions int [B, Q, T] (may be out of range) -> keys, values [B, Q, Hk, T, d], in-range bool."""
         inside = (positions >= 0) & (positions < seq_len)
         flat = jnp.clip(positions, 0, seq_len - 1).reshape(batch, -1)
-        keys, values = (jnp.moveaxis(_take_positions(x, flat).reshape(batch, rows, -1, kv_heads, head_dim),
+        keys, values = (jnp.moveaxis(common.take_rows(x, flat).reshape(batch, rows, -1, kv_heads, head_dim),
                                      2, 3) for x in (kf, vf))
-        key_ok = inside & _take_positions(valid, flat).reshape(positions.shape)
+        key_ok = inside & common.take_rows(valid, flat).reshape(positions.shape)
         return keys, values, key_ok
 
     # LTIS: kept selected blocks + (causal) the own block, one softmax.
