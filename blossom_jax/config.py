@@ -131,9 +131,10 @@ class ModelConfig:
     layer_norm_eps: float = 1e-12
     # Std of the normal initialiser of every Linear and Embedding weight.
     initializer_range: float = 0.02
-    # User vectors (__call__, score, the prefix objective) compute the last layer only at the position
-    # that becomes the user vector (encode(query_positions=...)). Exact up to float rounding: no other row
-    # of that layer is read. False: every position, then one row is taken (as the reference does).
+    # User vectors (__call__, score, the prefix objective) and the BERT4Rec loss compute the last layer
+    # only at the positions that are read: the user vector's, the masked ones (encode(query_positions=...)).
+    # Exact up to float rounding: no other row of that layer is read. False: every position, then the rows
+    # are taken (as the reference does).
     last_layer_rows: bool = True
 
     def __post_init__(self) -> None:

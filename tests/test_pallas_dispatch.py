@@ -113,3 +113,17 @@ def test_auto_policy():
 
     if jax.default_backend() == "cpu":
         assert resolve_impl("auto", 4096, config) == "xla"
+
+
+def test_float32_kernel_dot_precision_follows_jax_default():
+    """float32 kernel dots are IEEE only when jax_default_matmul_precision asks for it ("highest", "float32"
+    or the F32_F32_F32 algorithm); the selection scores pass exact=True and are IEEE always."""
+    from pallas_kernels import gpu_common
+
+    assert not gpu_common.float32_products_exact()
+    for setting in ("highest", "float32", "F32_F32_F32"):
+        with jax.default_matmul_precision(setting):
+            assert gpu_common.float32_products_exact(), setting
+    for setting in ("tensorfloat32", "bfloat16", "default", "TF32_TF32_F32"):
+        with jax.default_matmul_precision(setting):
+            assert not gpu_common.float32_products_exact(), setting
