@@ -108,6 +108,16 @@ def _gather_blocks(blocks: jax.Array, selected: jax.Array) -> jax.Array:
     return gathered.reshape(batch, kv_heads, chunk, count, block, head_dim)
 
 
+def _selectable_blocks(k: jax.Array, v: jax.Array, valid: jax.Array, n_blocks: int, block: int):
+    """k, v [B, N, Hk, d], valid [B, N] -> key and value blocks [B, Hk, Nc, b, d] of the first Nc * b
+    positions and their key validity bool [B, Nc, b]."""
+    batch, _, kv_heads, head_dim = k.shape
+    key_blocks, value_blocks = (jnp.transpose(
+        x[:, : n_blocks * block].reshape(batch, n_blocks, block, kv_heads, head_dim), (0, 3, 1, 2, 4))
+        for x in (k, v))
+    return key_blocks, value_blocks, valid[:, : n_blocks * block].reshape(batch, n_blocks, block)
+
+
 def _ltis_chunk(q_chunk, k_chunk, v_chunk, valid_chunk, chunk_start, key_blocks, value_blocks,
                 block_key_valid, compressed, block_valid, config: AttentionConfig):
     """LTIS output for one query chunk.
@@ -206,11 +216,7 @@ def ltis_attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array,
     def pad_seq(x):
         return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
 
-    key_blocks = jnp.transpose(k[:, : n_blocks * block].reshape(batch, n_blocks, block, kv_heads, head_dim),
-                               (0, 3, 1, 2, 4))
-    value_blocks = jnp.transpose(v[:, : n_blocks * block].reshape(batch, n_blocks, block, kv_heads, head_dim),
-                                 (0, 3, 1, 2, 4))
-    block_key_valid = valid[:, : n_blocks * block].reshape(batch, n_blocks, block)
+    key_blocks, value_blocks, block_key_valid = _selectable_blocks(k, v, valid, n_blocks, block)
     block_valid = block_key_valid.any(-1)
 
     def to_chunks(x):
@@ -325,10 +331,7 @@ def blossom_attention_rows_xla(
     n_blocks = compressed.shape[2]
     ones = jnp.ones((), jnp.float32)
     if n_blocks > 0:
-        key_blocks, value_blocks = (jnp.transpose(
-            x[:, : n_blocks * block].reshape(batch, n_blocks, block, kv_heads, head_dim), (0, 3, 1, 2, 4))
-            for x in (kf, vf))
-        block_key_valid = valid[:, : n_blocks * block].reshape(batch, n_blocks, block)
+        key_blocks, value_blocks, block_key_valid = _selectable_blocks(kf, vf, valid, n_blocks, block)
         selected, kept, selected_probs = _select_chunk(qf.mean(3), compressed, block_key_valid.any(-1),
                                                        query_positions, config)  # [B, Hk, Q, n]
         count = selected.shape[-1]
