@@ -5,7 +5,9 @@ TOKENS tokens per batch (B = TOKENS / N). Before any timing, every implementatio
 dense-mask reference (or the xla path where the reference is too large) on fresh random inputs, outputs and
 gradients. Timings: medians of --iters calls after --warmup calls, each call on a fresh input from a small
 rotating pool, synchronised with block_until_ready. Peak memory: XLA's compiled memory analysis
-(arguments + outputs + temporaries) of the jitted function.
+(arguments + outputs + temporaries) of the jitted function. ``--profile`` also traces a few forward+backward
+calls per row and splits their device time by kernel (each Pallas kernel by name, cuDNN, XLA's sort, the
+other XLA ops of the forward and of the backward), with XLA's command buffers off (for the whole process).
 
 Usage (GPU):  python benchmarks/attention.py --out $OUT/attention.json
 CPU smoke run: python benchmarks/attention.py --lengths 64 --tokens 1024 --impls xla --iters 2
@@ -14,8 +16,10 @@ CPU smoke run: python benchmarks/attention.py --lengths 64 --tokens 1024 --impls
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -27,6 +31,10 @@ import numpy as np
 
 from blossom_jax import AttentionConfig, blossom_attention
 from blossom_jax.models import BlossomAttention
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import overrides  # noqa: E402  (benchmarks/overrides.py)
+import profiling  # noqa: E402  (benchmarks/profiling.py)
 
 D, H, HK, HEAD_DIM = 128, 8, 2, 16
 
@@ -152,7 +160,32 @@ def peak_bytes(compiled):
     return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes)
 
 
-def bench(impls, seq_lens, tokens, warmup, iters, seed, out_path=None):
+def kernel_group(op: str, name_stack: str) -> str:
+    """What an HLO op of the layer belongs to: a Pallas kernel (by its name), cuDNN, XLA's sort, or the
+    other XLA ops of the forward / backward."""
+    if "/pallas_call" in name_stack:
+        return name_stack.split("/pallas_call")[0].rsplit("/", 1)[-1]
+    if "cudnn" in op or "dot_product_attention" in name_stack:
+        return "cudnn"
+    if op.startswith("sort"):
+        return "xla_sort"
+    return "xla_bwd" if "transpose(" in name_stack else "xla_fwd"
+
+
+def profile_layer(compiled, arg_sets, calls=5, top=30) -> dict:
+    """Device time of one call of ``compiled`` split by :func:`kernel_group`, and its top ops."""
+    by_op, n_events, _ = profiling.traced_op_times(compiled, arg_sets, compiled.as_text(), calls)
+    groups = collections.Counter()
+    for (op, stack), ns in by_op.items():
+        groups[kernel_group(op, stack)] += ns
+    per_call = lambda ns: round(ns / calls / 1e6, 4)  # noqa: E731
+    return {"device_ms": per_call(sum(groups.values())), "events_per_call": n_events / calls,
+            "by_kernel_ms": {k: per_call(v) for k, v in groups.most_common()},
+            "top_ops_ms": [{"op": op, "name_stack": stack[-80:], "ms": per_call(ns)}
+                           for (op, stack), ns in by_op.most_common(top)]}
+
+
+def bench(impls, seq_lens, tokens, warmup, iters, seed, out_path=None, profile=False):
     rows = []
     for seq_len in seq_lens:
         batch = max(1, tokens // seq_len)
@@ -172,6 +205,8 @@ def bench(impls, seq_lens, tokens, warmup, iters, seed, out_path=None):
                     f_compiled, [(params, x, v) for x, v, _ in pool], warmup, iters)
                 row["fwdbwd_ms"], row["fwdbwd_min_ms"] = time_fn(
                     g_compiled, [(params, x, v, c) for x, v, c in pool], warmup, iters)
+                if profile:
+                    row["fwdbwd_profile"] = profile_layer(g_compiled, [(params, x, v, c) for x, v, c in pool])
             except Exception as error:  # noqa: BLE001 - record OOMs / unsupported configs and go on
                 row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
             rows.append(row)
@@ -193,17 +228,27 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-check", action="store_true", help="timings only")
+    parser.add_argument("--profile", action="store_true",
+                        help="also split each forward+backward's device time by kernel (turns XLA's GPU "
+                             "command buffers off for this process, timings included)")
+    parser.add_argument("--set", default=None, metavar="module.NAME=int,...",
+                        help="override pallas_kernels tile / launch constants for this run (benchmarks/overrides.py)")
     parser.add_argument("--out", default=None, help="JSON results file")
     args = parser.parse_args(argv)
+    kernel_overrides = overrides.apply(args.set)
+    if args.profile:  # read when the backend starts, which has not happened yet
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(), jax=jax.__version__,
                 jaxlib=__import__("jaxlib").__version__, device=str(jax.devices()[0].device_kind),
-                backend=jax.default_backend(), python=platform.python_version(), argv=sys.argv[1:])
+                backend=jax.default_backend(), python=platform.python_version(), argv=sys.argv[1:],
+                xla_flags=os.environ.get("XLA_FLAGS", ""), kernel_overrides=kernel_overrides)
     print("meta", json.dumps(meta), flush=True)
-    checks = check(args.impls, args.check_lengths, args.seed)
+    checks = [] if args.skip_check else check(args.impls, args.check_lengths, args.seed)
     if not all(row["ok"] for row in checks):
         print("CORRECTNESS CHECK FAILED: timings below are for information only", flush=True)
     timings = bench(args.impls, args.lengths, args.tokens, args.warmup, args.iters, args.seed,
-                    args.out + ".rows.jsonl" if args.out else None)
+                    args.out + ".rows.jsonl" if args.out else None, args.profile)
     result = dict(meta=meta, checks=checks, timings=timings)
     if args.out:
         with open(args.out, "w") as handle:
@@ -213,6 +258,10 @@ def main(argv=None):
         print(f"{row['impl']:<18}{row['N']:>7}{row['B']:>6}{row.get('fwd_ms', float('nan')):>9.3f}"
               f"{row.get('fwdbwd_ms', float('nan')):>9.3f}{row.get('fwdbwd_peak_mb', float('nan')):>9.0f}"
               f"  {row.get('error', '')[:60]}")
+    for row in timings:
+        if "fwdbwd_profile" in row:
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in row["fwdbwd_profile"]["by_kernel_ms"].items())
+            print(f"profile {row['impl']} N={row['N']}: {row['fwdbwd_profile']['device_ms']:.3f} ms = {parts}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from pallas_kernels import fused_gpu, ltis_gpu, ltis_reference, stis_gpu, stis_reference  # noqa: E402
 import kernels_ltis as kl  # noqa: E402  (shared input maker / error metric)
+import overrides  # noqa: E402  (benchmarks/overrides.py)
 
 LENGTHS = (50, 100, 200, 256, 512, 1024, 2048)
 INTERPRET = False
@@ -167,11 +168,16 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also sweep the fused tile constants")
     ap.add_argument("--sweep-lengths", default="200,512")
     ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke test, tiny sizes)")
+    ap.add_argument("--bidirectional", action="store_true",
+                    help="time causal=False (the sink's bidirectional mode) instead of causal")
     ap.add_argument("--padded", action="store_true",
                     help="also time right-padded batches (lengths uniform in [1, N], as benchmarks/train_step.py)")
     ap.add_argument("--baseline-module", default=None,
                     help="another fused_gpu.py to time beside this one (before/after on the same card)")
+    ap.add_argument("--set", default=None, metavar="module.NAME=int,...",
+                    help="override pallas_kernels constants for this run, e.g. ltis_gpu.ATTN_NUM_WARPS=1")
     args = ap.parse_args()
+    kernel_overrides = overrides.apply(args.set)
     if args.baseline_module:
         BASELINE = _load_module(args.baseline_module)
     INTERPRET = kl.INTERPRET = args.interpret
@@ -179,7 +185,9 @@ def main():
     defaults = {k: getattr(fused_gpu, k) for k in TUNABLES}
     result = dict(device=str(jax.devices()[0]), device_kind=jax.devices()[0].device_kind, jax=jax.__version__,
                   date=time.strftime("%Y-%m-%d"), tokens=args.tokens, H=kl.H, Hk=kl.HK, d=kl.D,
-                  dtype="bfloat16", causal=True, fused_tiles=defaults, checks=[], timings=[], sweep=[])
+                  dtype="bfloat16", causal=not args.bidirectional, fused_tiles=defaults,
+                  kernel_overrides=kernel_overrides,
+                  checks=[], timings=[], sweep=[])
 
     if not args.skip_check:
         # float32 cases: IEEE products ("highest") at 2e-5, and the GPU default (TF32) at 5e-3.
@@ -199,7 +207,7 @@ def main():
 
     for n in lengths:
         for padded in (False, True) if args.padded else (False,):
-            rec = time_length(n, args.tokens, True, args.warmup, args.iters,
+            rec = time_length(n, args.tokens, not args.bidirectional, args.warmup, args.iters,
                               variants=("fused", "baseline", "split"), padded=padded)
             print(json.dumps(rec), flush=True)
             result["timings"].append(rec)

@@ -5,11 +5,15 @@
    (bfloat16). Selection is compared as kept *sets* per (batch, query, kv head) (the order of the slots is
    free); the attention is compared on the kernel's own selection, outputs and gradients w.r.t. q, k, v.
    float32 runs with IEEE products (jax.default_matmul_precision("highest"), 2e-5) and once with the GPU
-   default, TF32 attention products (5e-3; the selection scores stay IEEE).
+   default, TF32 attention products (5e-3; the selection scores are TF32x3, IEEE under "highest").
 2. Timings at B * N = 65,536 tokens, N in {256, 1024, 4096, 16384, 32768, 65536}, H = 8, Hk = 2, d = 16,
    bfloat16: selection (kernel only, q_mean precomputed), attention forward, attention forward + backward
    (gradients w.r.t. q, k, v), and select + forward + backward. Medians of --iters timed calls after
    --warmup calls, each call ended by ``block_until_ready``.
+
+``--sweep "ATTN_ROWS=32,ATTN_NUM_WARPS=2" "DKV_ROWS=128" ...`` also times each set of tile-constant overrides
+of ``pallas_kernels.ltis_gpu`` (selection, forward, forward + backward at every --lengths), after checking
+it at N = 1000 (bfloat16, causal and bidirectional) against the references; the defaults are timed first.
 
 Usage (on a GPU machine):  python benchmarks/kernels_ltis.py [--check-only] [--iters 20] [--warmup 5]
 Writes JSON to $OUT/kernels_ltis.json when $OUT is set (and prints it).
@@ -155,6 +159,66 @@ def timeit(fn, args, warmup, iters):
     return statistics.median(ts), min(ts)
 
 
+def parse_overrides(text: str) -> dict[str, int]:
+    """"NAME=int,NAME=int" -> {NAME: int}; every NAME must be an upper-case int constant of ltis_gpu."""
+    overrides = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        if not name.isupper() or not isinstance(getattr(ltis_gpu, name, None), int):
+            raise ValueError(f"{name!r} is not an int tile constant of pallas_kernels.ltis_gpu")
+        overrides[name] = int(value)
+    return overrides
+
+
+def time_lengths(lengths, causal, warmup, iters, with_full=True):
+    """Timings of selection, forward, forward+backward (and select+fwd+bwd) per length, bfloat16."""
+    rows = []
+    for n in lengths:
+        bsz = TOKENS // n
+        x = make_inputs(jax.random.key(1000 + n), bsz, n, H, HK, D, jnp.bfloat16)
+        fns = build_fns(causal)
+        sel, kept = jax.block_until_ready(fns["select"](x["qm"], x["ck"], x["bv"]))
+        attn_args = (x["q"], x["k"], x["v"], x["valid"], sel, kept)
+        rec = dict(N=n, B=bsz)
+        cases = [("select_ms", fns["select"], (x["qm"], x["ck"], x["bv"])),
+                 ("fwd_ms", fns["fwd"], attn_args),
+                 ("fwd_bwd_ms", fns["fwd_bwd"], attn_args + (x["ct"],))]
+        if with_full:
+            cases.append(("select_fwd_bwd_ms", fns["full"], (x["qm"], x["ck"], x["bv"], x["q"], x["k"], x["v"],
+                                                             x["valid"], x["ct"])))
+        for nm, fn, a in cases:
+            med, mn = timeit(fn, a, warmup, iters)
+            rec[nm] = round(med, 4)
+            rec[nm.replace("_ms", "_min_ms")] = round(mn, 4)
+        print(json.dumps(rec), flush=True)
+        rows.append(rec)
+    return rows
+
+
+def sweep(configs, lengths, causal, warmup, iters):
+    """Times every set of tile overrides (after a correctness check); the module is restored after each."""
+    rows = []
+    parsed = [("", {})] + [(text, parse_overrides(text)) for text in configs]  # fail before any timing
+    for text, overrides in parsed:
+        saved = {name: getattr(ltis_gpu, name) for name in overrides}
+        try:
+            for name, value in overrides.items():
+                setattr(ltis_gpu, name, value)
+            checks = [check(f"sweep_{text or 'defaults'}_{'causal' if c else 'bidir'}", 2, 1000, jnp.bfloat16, c,
+                            False, [1000, 513], seed, 3e-2) for seed, c in ((71, True), (72, False))]
+            ok = all(r["ok"] for r in checks)
+            timings = time_lengths(lengths, causal, warmup, iters, with_full=False) if ok else []
+            row = dict(overrides=text or "defaults", checks_ok=ok, timings=timings)
+        except Exception as error:  # noqa: BLE001 - a config that does not compile is a result too
+            row = dict(overrides=text or "defaults", error=f"{type(error).__name__}: {str(error)[:300]}")
+        finally:
+            for name, value in saved.items():
+                setattr(ltis_gpu, name, value)
+        print("sweep", json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main():
     global INTERPRET, TOKENS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,6 +232,8 @@ def main():
                     help="also time the plain-XLA reference fwd+bwd (slow: gather transposes)")
     ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke test)")
     ap.add_argument("--tokens", type=int, default=65536)
+    ap.add_argument("--sweep", nargs="*", default=None, metavar="OVERRIDES",
+                    help='tile-constant overrides to time, e.g. "ATTN_ROWS=32,ATTN_NUM_WARPS=2" (see docstring)')
     args = ap.parse_args()
     INTERPRET = args.interpret
     TOKENS = args.tokens
@@ -207,28 +273,18 @@ def main():
         result["all_checks_ok"] = all(r["ok"] for r in result["checks"])
 
     if not args.check_only:
-        for n in lengths:
-            bsz = TOKENS // n
-            x = make_inputs(jax.random.key(1000 + n), bsz, n, H, HK, D, jnp.bfloat16)
-            fns = build_fns(causal)
-            sel, kept = jax.block_until_ready(fns["select"](x["qm"], x["ck"], x["bv"]))
-            attn_args = (x["q"], x["k"], x["v"], x["valid"], sel, kept)
-            rec = dict(N=n, B=bsz)
-            for nm, fn, a in (
-                ("select_ms", fns["select"], (x["qm"], x["ck"], x["bv"])),
-                ("fwd_ms", fns["fwd"], attn_args),
-                ("fwd_bwd_ms", fns["fwd_bwd"], attn_args + (x["ct"],)),
-                ("select_fwd_bwd_ms", fns["full"], (x["qm"], x["ck"], x["bv"], x["q"], x["k"], x["v"],
-                                                    x["valid"], x["ct"])),
-            ):
-                med, mn = timeit(fn, a, args.warmup, args.iters)
-                rec[nm] = round(med, 4)
-                rec[nm.replace("_ms", "_min_ms")] = round(mn, 4)
-            if args.reference_timings:
-                med, _ = timeit(fns["fwd_bwd_ref"], attn_args + (x["ct"],), 2, max(3, args.iters // 4))
+        result["timings"] = time_lengths(lengths, causal, args.warmup, args.iters)
+        if args.reference_timings:
+            for rec in result["timings"]:
+                n = rec["N"]
+                x = make_inputs(jax.random.key(1000 + n), TOKENS // n, n, H, HK, D, jnp.bfloat16)
+                fns = build_fns(causal)
+                sel, kept = fns["select"](x["qm"], x["ck"], x["bv"])
+                med, _ = timeit(fns["fwd_bwd_ref"], (x["q"], x["k"], x["v"], x["valid"], sel, kept, x["ct"]), 2,
+                                max(3, args.iters // 4))
                 rec["reference_fwd_bwd_ms"] = round(med, 4)
-            print(json.dumps(rec), flush=True)
-            result["timings"].append(rec)
+    if args.sweep is not None:
+        result["sweep"] = sweep(args.sweep, lengths, causal, args.warmup, args.iters)
 
     text = json.dumps(result, indent=1)
     print(text)

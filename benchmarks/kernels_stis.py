@@ -135,7 +135,7 @@ def main():
     ap.add_argument("--reference-timings", action="store_true",
                     help="also time the plain-XLA offset-shift reference (fwd, fwd+bwd)")
     ap.add_argument("--sweep", action="store_true",
-                    help="also time fwd+bwd over block_q/block_k in {16,32,64,128} x unroll in {F,T}")
+                    help="also time fwd+bwd over block_q = block_k in {16,32,64,128} x num_warps in {1,2,4}")
     ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke test)")
     ap.add_argument("--tokens", type=int, default=TOKENS)
     args = ap.parse_args()
@@ -202,19 +202,18 @@ def main():
                 print(json.dumps(rec), flush=True)
                 result["timings"].append(rec)
                 if args.sweep:
-                    for unroll in (False, True):
-                        for blk in (16, 32, 64, 128):
-                            sf = build_fns(causal, True, block_q=blk, block_k=blk, unroll=unroll)
-                            try:
-                                med, mn = timeit(sf["fwd_bwd"], fa + (x["ct"],), 2, max(5, args.iters // 2))
-                                fmed, _ = timeit(sf["fwd"], fa, 2, max(5, args.iters // 2))
-                                srec = dict(mode=mode, N=n, block=blk, unroll=unroll, fwd_ms=fmed,
-                                            fwd_bwd_ms=med, fwd_bwd_min_ms=mn)
-                            except Exception as e:  # noqa: BLE001  (report, keep sweeping)
-                                srec = dict(mode=mode, N=n, block=blk, unroll=unroll,
-                                            error=f"{type(e).__name__}: {str(e)[:300]}")
-                            print(json.dumps(srec), flush=True)
-                            result["sweep"].append(srec)
+                    for warps, blk in [(w, b) for w in (1, 2, 4) for b in (16, 32, 64, 128)]:
+                        sf = build_fns(causal, True, block_q=blk, block_k=blk, num_warps=warps)
+                        try:
+                            med, mn = timeit(sf["fwd_bwd"], fa + (x["ct"],), 2, max(5, args.iters // 2))
+                            fmed, _ = timeit(sf["fwd"], fa, 2, max(5, args.iters // 2))
+                            srec = dict(mode=mode, N=n, block=blk, warps=warps, fwd_ms=fmed, fwd_bwd_ms=med,
+                                        fwd_bwd_min_ms=mn)
+                        except Exception as e:  # noqa: BLE001  (report, keep sweeping)
+                            srec = dict(mode=mode, N=n, block=blk, warps=warps,
+                                        error=f"{type(e).__name__}: {str(e)[:300]}")
+                        print(json.dumps(srec), flush=True)
+                        result["sweep"].append(srec)
 
     text = json.dumps(result, indent=1)
     print(text)

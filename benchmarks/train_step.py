@@ -21,15 +21,11 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
-import glob
 import json
 import os
-import re
 import statistics
 import sys
-import tempfile
 import time
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +34,9 @@ import optax
 
 from blossom_jax import AttentionConfig, ModelConfig
 from blossom_jax.models import SequentialRecommender
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import profiling  # noqa: E402  (benchmarks/profiling.py)
 
 NUM_ITEMS = 3706  # + padding id = 3,707 ids, as ML-1M in the reference measurements
 
@@ -108,14 +107,6 @@ COMPONENTS = (  # (component, substrings of the jax name stack), first match win
 )
 
 
-def hlo_op_names(hlo_text: str) -> dict[str, str]:
-    """Instruction name -> jax name stack (``metadata op_name``) of every instruction in compiled HLO text."""
-    names = {}
-    for match in re.finditer(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = [^\n]*?op_name="([^"]*)"', hlo_text, re.M):
-        names[match.group(1)] = match.group(2)
-    return names
-
-
 def component_of(op_name: str | None) -> str:
     if not op_name:
         return "unattributed"
@@ -125,70 +116,22 @@ def component_of(op_name: str | None) -> str:
     return "model_other" if "jvp(" in op_name or "transpose(" in op_name else "optimizer_other"
 
 
-def _stats(event) -> dict:
-    with warnings.catch_warnings():  # jax 0.11: "builtin type event_stats has no __module__ attribute"
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return dict(event.stats)
-
-
-def device_op_events(trace_dir: str):
-    """(HLO op name, duration ns, hlo module or None) of every op event in the trace under ``trace_dir``,
-    and the names of the trace's lines.
-
-    Where a device plane has an "XLA Ops" line (one event per HLO instruction run), those events count;
-    otherwise every event that carries an ``hlo_op`` stat does: the kernel events of the GPU stream lines
-    (what jax 0.11.2 wrote on the H100, with command buffers off) or the thunk events of the CPU.
-    """
-    from jax.profiler import ProfileData
-
-    planes = [plane for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
-              for plane in ProfileData.from_file(path).planes]
-    lines_seen = sorted({f"{plane.name}:{line.name}" for plane in planes for line in plane.lines})
-    op_lines = [line for plane in planes if plane.name.startswith("/device:") for line in plane.lines
-                if line.name == "XLA Ops"]
-    events = []
-    if op_lines:
-        for line in op_lines:
-            for e in line.events:
-                events.append((e.name, e.duration_ns, _stats(e).get("hlo_module")))
-    else:
-        for plane in planes:
-            for line in plane.lines:
-                for e in line.events:
-                    stats = _stats(e)
-                    if "hlo_op" in stats:
-                        events.append((str(stats["hlo_op"]), e.duration_ns, stats.get("hlo_module")))
-    return events, lines_seen
-
-
 def profile_steps(run_step, pool, hlo_text: str, steps: int = 5, top: int = 15) -> dict:
     """Traces ``steps`` training steps and splits their device time by component and direction."""
-    op_names = hlo_op_names(hlo_text)
-    trace_dir = tempfile.mkdtemp(prefix="blossom_profile_")
-    with jax.profiler.trace(trace_dir):
-        for i in range(steps):
-            jax.block_until_ready(run_step(*pool[i % len(pool)]))
-    events, lines_seen = device_op_events(trace_dir)
-    module = re.match(r"HloModule ([\w.\-]+)", hlo_text)
-    if module:
-        events = [e for e in events if e[2] is None or e[2] == module.group(1)]
+    by_op, n_events, lines_seen = profiling.traced_op_times(run_step, pool, hlo_text, steps)
     by_component = collections.Counter()
-    by_op = collections.Counter()
-    for name, duration_ns, _ in events:
-        op = name.lstrip("%").split(" ")[0].split("=")[0].strip()
-        op_name = op_names.get(op)
-        direction = "bwd" if op_name and "transpose(" in op_name else "fwd"
+    for (op, op_name), duration_ns in by_op.items():
+        direction = "bwd" if "transpose(" in op_name else "fwd"
         component = component_of(op_name)
         if component in ("optimizer_other", "unattributed"):
             direction = "-"
         by_component[f"{component}/{direction}"] += duration_ns
-        by_op[(op, (op_name or "")[-90:])] += duration_ns
     per_step = lambda ns: round(ns / steps / 1e6, 4)  # noqa: E731
     total = sum(by_component.values())
-    return {"steps": steps, "device_ms_per_step": per_step(total), "events": len(events),
+    return {"steps": steps, "device_ms_per_step": per_step(total), "events": n_events,
             "trace_lines": lines_seen[:30],
             "by_component_ms": {k: per_step(v) for k, v in by_component.most_common()},
-            "top_ops_ms": [{"op": op, "name_stack": stack, "ms": per_step(ns)}
+            "top_ops_ms": [{"op": op, "name_stack": stack[-90:], "ms": per_step(ns)}
                            for (op, stack), ns in by_op.most_common(top)]}
 
 

@@ -57,15 +57,20 @@ from pallas_kernels.stis_reference import stis_attention_reference  # noqa: F401
 __all__ = ["fused_attention_gpu", "FUSED_MAX_LEN", "FUSED_MAX_LEN_BIDIRECTIONAL", "max_len"]
 
 # Longest sequence for which ``blossom_jax.ops.pallas`` uses this kernel on GPU (longer ones take the
-# gather kernels, whose work per query does not grow with N). Measured (bf16, causal, 65,536 full-length
-# tokens, LTIS + STIS fwd+bwd): H200 (benchmarks/results/kernels_fused_h200_2026-11-27.json) fused 0.71 /
-# 1.07 / 1.80 / 2.81 ms at N = 50 / 200 / 512 / 1024 against 2.0 ms for the split kernels at every N; H100
-# with the bitmask (benchmarks/results/gpu_call2_2026-11-27/) 0.59 / 0.82 / 1.54 / 2.66 against 1.75-2.07.
-FUSED_MAX_LEN = 512
-# Bidirectional mode walks every key tile, twice the causal work at the same N, so its limit is taken at half
-# the causal one (derived from the causal crossover, not measured separately).
-FUSED_MAX_LEN_BIDIRECTIONAL = 256
-# Tiles, from a one-at-a-time sweep at N = 256 on the H200 (same file): packed (query, head) rows per forward /
+# gather kernels, whose work per query does not grow with N). Measured on an H200 against the gather kernels
+# of this commit (one-warp LTIS programs; bf16, 65,536 tokens, LTIS + STIS fwd+bwd, ms, fused / gather;
+# benchmarks/results/gpu_call14 and gpu_call15):
+#   causal, full rows:          N = 200: 0.97 / 1.07, 256: 1.19 / 1.04, 320: 1.25 / 1.00, 384: 1.36 / 1.05
+#   causal, padded rows*:       N = 200: 0.58 / 0.78, 256: 0.65 / 0.78, 320: 0.63 / 0.75, 384: 0.79 / 0.90
+#   bidirectional, full rows:   N = 128: 0.88 / 1.12, 200: 1.38 / 1.32, 256: 1.46 / 1.22
+#   bidirectional, padded rows: N = 128: 0.65 / 0.92, 200: 0.81 / 0.97, 256: 1.00 / 0.95
+# (* lengths uniform in [1, N], as in training batches; both skip padding, the fused kernel whole tiles.) The limits
+# sit where full-length batches are about even and padded ones still favour the fused kernel.
+# (Before the gather kernels ran one warp per program the causal crossover was near N = 600 and the limit 512.)
+FUSED_MAX_LEN = 256
+FUSED_MAX_LEN_BIDIRECTIONAL = 200
+# Tiles, from a one-at-a-time sweep at N = 256 on the H200 (benchmarks/results/kernels_fused_h200_2026-11-27.json,
+# with the kernel of that day's first version): packed (query, head) rows per forward /
 # dQ program and keys per streamed score tile (32 beat 64 and 128) ...
 ROWS = 64
 KEYS = 32

@@ -56,16 +56,32 @@ def float32_products_exact() -> bool:
     return setting is not None and str(setting).lower() in _IEEE_SETTINGS
 
 
-def dot(a, b, trans_a: bool = False, trans_b: bool = False, exact: bool = False):
+def selection_score_precision(interpret: bool):
+    """Precision of the block-selection scores' float32 products, which decide the top-n and so must agree
+    with the float32 reference's choice.
+
+    Compiled for a GPU: TF32x3 (``lax.DotAlgorithmPreset.TF32_TF32_F32_X3``, three TF32 tensor-core passes,
+    float32-level accuracy): measured on an H200 (benchmarks/results/gpu_call15) 1.7-1.9x faster than
+    Triton's IEEE dot (which runs on the FMA units) for the whole selection kernel at N = 4k-64k, with the
+    same kept sets as IEEE on every (query, kv head) of N = 1k-64k random inputs. One TF32 pass (the GPU
+    default) is faster still but changes ~0.05 % of the kept sets, so it is not used.
+    IEEE under ``jax_default_matmul_precision("highest")`` (see ``float32_products_exact``) and in the
+    interpreter (the CPU has no TF32 algorithms)."""
+    if interpret or float32_products_exact():
+        return lax.Precision.HIGHEST
+    return lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+
+
+def dot(a, b, trans_a: bool = False, trans_b: bool = False, precision=None):
     """2-D matmul with float32 accumulation.
 
-    float32 operands: IEEE products when ``exact`` (the block-selection scores, whose top-n choice must equal
-    the float32 reference's) or when ``float32_products_exact()``; else the GPU default, TF32 (measured with
-    jax 0.11.2: ~1e-3 relative error, and without ``exact`` selections that differ from the reference).
+    ``precision`` (a ``lax.Precision`` or ``lax.DotAlgorithmPreset``) when given, e.g.
+    :func:`selection_score_precision`; otherwise float32 operands get IEEE products when
+    ``float32_products_exact()`` and the GPU default, TF32 (~1e-3 relative error), else.
     """
-    ieee = a.dtype == jnp.float32 and b.dtype == jnp.float32 and (exact or float32_products_exact())
-    return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b,
-                     precision=lax.Precision.HIGHEST if ieee else None)
+    if precision is None and a.dtype == jnp.float32 and b.dtype == jnp.float32 and float32_products_exact():
+        precision = lax.Precision.HIGHEST
+    return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
 
 
 def padded_head_dim(d: int) -> int:

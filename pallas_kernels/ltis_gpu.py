@@ -10,7 +10,10 @@ Two entry points, each beside its pure-jnp reference in :mod:`pallas_kernels.lti
   last query (the triangle is skipped). Pallas-Triton has no sort / top_k, so the running top-n is kept as
   n per-query (value, index) columns, sorted descending; each tile inserts its candidates with at most n
   max-and-mask rounds (a ``while`` loop that runs only while some query of the tile still has a score above
-  its current n-th best, so late tiles usually cost one comparison). Ties are broken towards the lower
+  its current n-th best, so late tiles usually cost one comparison; always running n rounds measured
+  slower at N >= 4k, and splitting the key range over more programs (merged in XLA) slower at every N:
+  benchmarks/NOTES.md). The float32 scores use TF32x3 products on the GPU
+  (``gpu_common.selection_score_precision``). Ties are broken towards the lower
   block index (same as ``lax.top_k``). Selection is by score, which orders blocks exactly as p does (p is a
   monotone function of the score); ``kept = p > keep_threshold`` uses the final log-sum-exp. Slots that
   hold no visible block (n larger than the number of visible blocks, or n > Nc) get index 0, kept False.
@@ -30,8 +33,8 @@ row ``r = j * G + g`` is query ``q0 + j`` and head ``h * G + g`` (this is exactl
   own-block keys: one ``[BQ*G, d] x [d, b]`` tile with the causal / validity mask.
 * selected slots: the keys of the tile are the gathered blocks ``sel[q0 + j, r]`` of its BQ queries and
   of a group of slots, laid side by side (key column ``(j * SG + r) * b + t``; ``BQ * SG * b`` keys, at most
-  ``ATTN_MAX_KEYS``; with G = 4, BQ = 4 and n = 4 that is every selected key of the tile in one
-  ``[16, d] x [d, 256]`` tile). Row (j, g) may only see the keys of its own query j, so the score tile is
+  ``ATTN_MAX_KEYS``; with G = 4, BQ = 4 and n = 4 that is two ``[16, d] x [d, 128]`` tiles of two slots
+  each). Row (j, g) may only see the keys of its own query j, so the score tile is
   masked block-diagonally.
 
 Why: with d = 16 a single query has only G = 4 rows, below the 16-row minimum of a tensor-core ``dot``, and
@@ -44,7 +47,7 @@ dK / dV strategy (deterministic, no atomics)
 --------------------------------------------
 The selection is inverted in XLA: the (query, slot) pairs of each (batch, kv head) whose block is kept
 (and whose query is valid) are stably sorted by block index (``lax.sort`` on [B, Hk, N*n] int32 keys,
-O(N n) memory) and ``searchsorted`` gives each key block's segment. The dK/dV kernel has one program per
+O(N n) memory) and a cumulative count gives each key block's segment. The dK/dV kernel has one program per
 (batch, kv head, key block w): it loads K_w, V_w once, walks its segment in chunks of ``DKV_ROWS`` packed
 rows (queries x G heads, gathered), accumulates ``dV += P^T dO`` and ``dK += dS^T Q`` in registers, adds
 the own-block contribution of the b queries of block w (causal), and writes dK_w / dV_w once. Every output
@@ -106,9 +109,15 @@ SEL_NUM_WARPS = 4
 # share the own-block load over more queries but waste more exponentials on the block-diagonal mask.
 ATTN_ROWS = 16
 # Selected slots are processed side by side in groups of at most this many keys (bq * slots * b): with
-# G = 4 all n = 4 slots of the 4 queries form one [16, 256] score tile (one softmax update, one gather).
-ATTN_MAX_KEYS = 256
-ATTN_NUM_WARPS = 4
+# G = 4 the n = 4 slots of the 4 queries form two [16, 128] score tiles (2 slots each). 128 measured a
+# little faster than 256 (one [16, 256] tile) with one warp: 1.62 vs 1.70 ms for the whole layer's
+# forward + backward at N = 1k (H200, results/gpu_call13), 0.96 vs 1.09 ms for LTIS alone (gpu_call12).
+ATTN_MAX_KEYS = 128
+# One warp per forward / dQ program: its [16, 128] tiles are small, and with more warps every row max / sum
+# becomes a cross-warp reduction through shared memory. Measured (H200, N = 1k and 32k, 65,536 tokens):
+# LTIS forward + backward 1.85 -> 1.09 ms and 2.07 -> 1.25 ms going from 4 warps to 1 (results/gpu_call12).
+ATTN_NUM_WARPS = 1
+DQ_NUM_WARPS = 1
 # dK/dV: packed rows (pairs x G heads) per chunk of a key block's query list ([rows, d] x [d, b] tiles).
 DKV_ROWS = 64
 DKV_NUM_WARPS = 4
@@ -123,7 +132,7 @@ _LOG2E = gpu_common.LOG2E
 # (A) Selection
 # ========================================================================================================
 def _select_kernel(qm_ref, ck_ref, bv_ref, out_ref, *, seq_len, nc, n_sel, n_pad, block_size, causal,
-                   scale, keep_threshold, bq, bk):
+                   scale, keep_threshold, bq, bk, score_precision):
     # qm_ref [N, d] f32; ck_ref [Nc, d]; bv_ref [Nc] int32; out_ref [N, n_pad] int32
     t = pl.program_id(0)
     q0 = t * bq
@@ -148,7 +157,7 @@ def _select_kernel(qm_ref, ck_ref, bv_ref, out_ref, *, seq_len, nc, n_sel, n_pad
         col_in = cols < nc
         ck = plgpu.load(ck_ref.at[pl.ds(k0, bk), :], mask=col_in[:, None], other=0.0).astype(jnp.float32)
         bv = plgpu.load(bv_ref.at[pl.ds(k0, bk)], mask=col_in, other=0)
-        s = _dot(qm, ck, trans_b=True, exact=True) * scale  # [bq, bk] f32, IEEE: decides the top-n
+        s = _dot(qm, ck, trans_b=True, precision=score_precision) * scale  # [bq, bk] f32: decides the top-n
         vis = (col_in & (bv != 0))[None, :]
         if causal:
             vis = vis & ((cols * block_size + (block_size - 1))[None, :] < rows[:, None])
@@ -255,6 +264,7 @@ def select_blocks_gpu(
     kernel = functools.partial(
         _select_kernel, seq_len=n, nc=nc, n_sel=n_sel, n_pad=n_pad, block_size=int(block_size),
         causal=bool(causal), scale=float(scale), keep_threshold=float(keep_threshold), bq=bq, bk=bk,
+        score_precision=gpu_common.selection_score_precision(bool(interpret)),
     )
     enc = pl.pallas_call(
         kernel,
@@ -536,16 +546,32 @@ def _fwd_call(q, k, v, valid_i, sel_enc, *, causal, block_size, mask_padded, int
     )(q, k, v, valid_i, sel_enc)
 
 
+_PACKED_SORT_MAX = 2**31 - 1  # largest packed sort key (int32)
+
+
 def _inverse_selection(valid_i, sel_enc, n_key_blocks):
-    """(order [B, Hk, N*n] pair ids sorted by block, starts [B, Hk, NKB + 1]) for the dK/dV kernel."""
+    """(order [B, Hk, N*n] pair ids sorted by block, starts [B, Hk, NKB + 1]) for the dK/dV kernel.
+
+    Pairs (query i, slot r) have id i * n + r and key = their kept block, or NKB (sorts last) when the
+    slot is not kept or the query is padding. One ``lax.sort`` orders them stably by block: of the packed
+    int32 ``key * (N n) + id`` where that fits (one operand sorts faster than a (key, id) pair), else of
+    (key, id). Segment starts are an exclusive cumulative sum of per-block counts (an integer
+    scatter-add, so deterministic); ``searchsorted`` would be a ``while`` loop of ~log2(N n) small kernels.
+    """
     bsz, n, hk, n_sel = sel_enc.shape
+    n_pairs = n * n_sel
     keys = jnp.where((sel_enc >= 0) & (valid_i[:, :, None, None] != 0), sel_enc, n_key_blocks)
-    keys = jnp.transpose(keys, (0, 2, 1, 3)).reshape(bsz, hk, n * n_sel).astype(jnp.int32)
+    keys = jnp.transpose(keys, (0, 2, 1, 3)).reshape(bsz, hk, n_pairs).astype(jnp.int32)
     ids = lax.broadcasted_iota(jnp.int32, keys.shape, 2)
-    sorted_keys, order = lax.sort((keys, ids), dimension=2, is_stable=True, num_keys=1)
-    bounds = jnp.arange(n_key_blocks + 1, dtype=jnp.int32)
-    starts = jax.vmap(lambda sk: jnp.searchsorted(sk, bounds, side="left").astype(jnp.int32))(
-        sorted_keys.reshape(bsz * hk, -1)).reshape(bsz, hk, n_key_blocks + 1)
+    if (n_key_blocks + 1) * n_pairs <= _PACKED_SORT_MAX:
+        order = lax.sort(keys * n_pairs + ids, dimension=2) % n_pairs
+    else:
+        _, order = lax.sort((keys, ids), dimension=2, is_stable=True, num_keys=1)
+    rows = lax.broadcasted_iota(jnp.int32, keys.shape, 0) * hk + lax.broadcasted_iota(jnp.int32, keys.shape, 1)
+    counts = jnp.zeros((bsz * hk * (n_key_blocks + 1),), jnp.int32).at[
+        (rows * (n_key_blocks + 1) + keys).reshape(-1)].add(1, mode="promise_in_bounds")
+    counts = counts.reshape(bsz, hk, n_key_blocks + 1)
+    starts = jnp.cumsum(counts, axis=2) - counts  # exclusive: starts[w] = pairs with a block < w
     return order, starts
 
 
@@ -572,7 +598,7 @@ def _bwd_call(q, k, v, valid_i, sel_enc, o, lse, do, *, causal, block_size, mask
         in_specs=[q_spec, kv_spec, kv_spec, valid_spec, sel_spec, q_spec, row_spec, row_spec],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_compiler_params(ATTN_NUM_WARPS),
+        compiler_params=_compiler_params(DQ_NUM_WARPS),
         interpret=interpret,
         name="ltis_attention_dq",
     )(q, k, v, valid_i, sel_enc, do, lse, delta)

@@ -232,3 +232,38 @@ def test_dropout_rng_benchmark(tmp_path):
     assert len(rows) == len(bench.IMPLS) * len(bench.DRAWS)
     for row in rows:
         assert row["ms"] > 0 and abs(row["kept_fraction"] - 0.8) < 0.02, row
+
+
+def test_kernel_benchmark_helpers(capsys):
+    """--set overrides (attention.py, kernels_fused.py), the LTIS tile sweep's overrides, the layer profile's
+    kernel grouping and every selection-kernel variant (its substitutions must still match ltis_gpu.py)."""
+    overrides = _load("overrides")
+    from pallas_kernels import ltis_gpu, stis_gpu
+
+    saved = (ltis_gpu.ATTN_NUM_WARPS, stis_gpu.NUM_WARPS)
+    try:
+        assert overrides.apply("ltis_gpu.ATTN_NUM_WARPS=2, stis_gpu.NUM_WARPS=1") == {
+            "ltis_gpu.ATTN_NUM_WARPS": 2, "stis_gpu.NUM_WARPS": 1}
+        assert (ltis_gpu.ATTN_NUM_WARPS, stis_gpu.NUM_WARPS) == (2, 1)
+    finally:
+        ltis_gpu.ATTN_NUM_WARPS, stis_gpu.NUM_WARPS = saved
+    assert overrides.apply(None) == {} and overrides.apply("") == {}
+    for bad in ("ltis_gpu.NOPE=1", "ltis_gpu._LOG2E=1", "ATTN_ROWS=2", "nomodule.X=1", "ltis_gpu.ATTN_ROWS"):
+        with pytest.raises((ValueError, ModuleNotFoundError)):
+            overrides.apply(bad)
+    kernels_ltis = _load("kernels_ltis")
+    assert kernels_ltis.parse_overrides("ATTN_ROWS=32,DKV_NUM_WARPS=2") == {"ATTN_ROWS": 32, "DKV_NUM_WARPS": 2}
+    with pytest.raises(ValueError, match="not an int tile constant"):
+        kernels_ltis.parse_overrides("attn_rows=3")
+    attention = _load("attention")
+    stack = "jit(loss)/transpose(jvp(BlossomAttention))/ltis_attention_dq/pallas_call"
+    assert attention.kernel_group("pallas_call.3", stack) == "ltis_attention_dq"
+    assert attention.kernel_group("sort.1", "jit(loss)/transpose(jvp(B))/sort") == "xla_sort"
+    assert attention.kernel_group("fusion.2", "jit(loss)/transpose(jvp(B))/mul") == "xla_bwd"
+    assert attention.kernel_group("fusion.3", "jit(loss)/jvp(B)/mul") == "xla_fwd"
+    variants = _load("select_variants")
+    variants.main(["--interpret", "--lengths", "40", "--tokens", "80", "--iters", "1", "--warmup", "1"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["variant"] for r in rows] == list(variants.VARIANTS)
+    assert all("error" not in r and r["select_ms"] > 0 for r in rows)
+    assert all(r["kept_set_mismatch_vs_as_is"] == 0 for r in rows if "attribution" not in r["variant"])

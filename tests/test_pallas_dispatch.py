@@ -117,8 +117,16 @@ def test_auto_policy():
 
 def test_float32_kernel_dot_precision_follows_jax_default():
     """float32 kernel dots are IEEE only when jax_default_matmul_precision asks for it ("highest", "float32"
-    or the F32_F32_F32 algorithm); the selection scores pass exact=True and are IEEE always."""
+    or the F32_F32_F32 algorithm). The selection scores are TF32x3 when compiled and IEEE under "highest" or in
+    the interpreter."""
+    from jax import lax
+
     from pallas_kernels import gpu_common
+
+    assert gpu_common.selection_score_precision(False) == lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+    assert gpu_common.selection_score_precision(True) == lax.Precision.HIGHEST
+    with jax.default_matmul_precision("highest"):
+        assert gpu_common.selection_score_precision(False) == lax.Precision.HIGHEST
 
     assert not gpu_common.float32_products_exact()
     for setting in ("highest", "float32", "F32_F32_F32"):

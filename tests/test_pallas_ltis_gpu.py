@@ -361,6 +361,30 @@ def test_dkv_is_deterministic():
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_inverse_selection_matches_a_stable_argsort(monkeypatch, packed):
+    """The dK/dV kernel's inverse map: pair ids stably sorted by kept block (unkept slots and padded
+    queries last) and each block's segment start, against numpy; both the packed one-operand sort and
+    the (key, id) sort used when the packed key would overflow int32."""
+    if not packed:
+        monkeypatch.setattr(ltis_gpu, "_PACKED_SORT_MAX", 0)
+    rng = np.random.default_rng(5)
+    bsz, n, hk, n_sel = 2, 70, 2, 3
+    nkb = -(-n // BLOCK)
+    sel_enc = rng.integers(-1, nkb, size=(bsz, n, hk, n_sel)).astype(np.int32)
+    sel_enc[0, 5] = 2  # many pairs on one block
+    valid = np.ones((bsz, n), np.int32)
+    valid[1, 40:] = 0
+    order, starts = map(np.asarray, jax.jit(ltis_gpu._inverse_selection, static_argnums=2)(
+        jnp.asarray(valid), jnp.asarray(sel_enc), nkb))
+    for b in range(bsz):
+        for h in range(hk):
+            keys = np.where((sel_enc[b, :, h] >= 0) & (valid[b, :, None] != 0), sel_enc[b, :, h], nkb).reshape(-1)
+            want = np.argsort(keys, kind="stable")
+            np.testing.assert_array_equal(order[b, h], want)
+            np.testing.assert_array_equal(starts[b, h], np.searchsorted(keys[want], np.arange(nkb + 1)))
+
+
 def test_head_dim_padding_and_argument_checks():
     """d = 8 (< 16) is zero-padded inside the wrapper with the 1/sqrt(8) scale kept."""
     rng = np.random.default_rng(4)

@@ -6,7 +6,7 @@ One kernel API, one module per backend: ``pallas_kernels.{stis,ltis}_gpu`` (Pall
   2. kernel: fused compressed scoring + running top-n selection (no gradient, as the reference);
   3. kernel: LTIS attention over the kept blocks + own block (custom_vjp, flash-style backward);
   4. kernel: STIS power-pattern attention (custom_vjp; its backward is a gather by inverse offsets);
-     on GPU, for N <= ``fused_gpu.max_len(causal)`` (512 causal, 256 bidirectional), 3 and 4 are one
+     on GPU, for N <= ``fused_gpu.max_len(causal)`` (256 causal, 200 bidirectional), 3 and 4 are one
      kernel over dense key tiles that evaluates both key sets as masks of one score tile
      (``pallas_kernels.fused_gpu``);
   5. XLA: the gate mix.

@@ -1,0 +1,32 @@
+"""``--set module.NAME=value,...``: override int tile / launch constants of ``pallas_kernels`` modules for
+one benchmark process (e.g. ``ltis_gpu.ATTN_NUM_WARPS=1,stis_gpu.NUM_WARPS=2``), to time candidate settings
+in the same call as the defaults. Only existing upper-case int constants can be set."""
+
+from __future__ import annotations
+
+import importlib
+
+
+def parse(text: str | None) -> list[tuple[object, str, int]]:
+    """"module.NAME=int,..." -> [(module, NAME, int)]; raises ValueError on anything else."""
+    settings = []
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        target, sep, value = item.partition("=")
+        module_name, _, name = target.rpartition(".")
+        if not sep or not module_name or not name.isupper():
+            raise ValueError(f"expected module.NAME=int, got {item!r}")
+        module = importlib.import_module(f"pallas_kernels.{module_name}")
+        current = getattr(module, name, None)
+        if not isinstance(current, int) or isinstance(current, bool):
+            raise ValueError(f"{target!r} is not an int constant of pallas_kernels.{module_name}")
+        settings.append((module, name, int(value)))
+    return settings
+
+
+def apply(text: str | None) -> dict[str, int]:
+    """Applies ``text``'s overrides for the rest of the process; returns them as {"module.NAME": value}."""
+    applied = {}
+    for module, name, value in parse(text):
+        setattr(module, name, value)
+        applied[f"{module.__name__.rpartition('.')[2]}.{name}"] = value
+    return applied
