@@ -59,7 +59,8 @@ __all__ = ["fused_attention_gpu", "FUSED_MAX_LEN", "FUSED_MAX_LEN_BIDIRECTIONAL"
 # Longest sequence for which ``blossom_jax.ops.pallas`` uses this kernel on GPU (longer ones take the
 # gather kernels, whose work per query does not grow with N). Measured on an H200 against the gather kernels
 # of this commit (one-warp LTIS programs; bf16, 65,536 tokens, LTIS + STIS fwd+bwd, ms, fused / gather;
-# benchmarks/results/gpu_call14 and gpu_call15):
+# benchmarks/results/gpu_call14_2026-11-27 and gpu_call15_2026-11-27; an H100 gave the same picture in
+# gpu_call16_2026-11-27: causal 256 full 1.07 / 1.02, padded 0.62 / 0.81, 384 padded 0.76 / 0.76):
 #   causal, full rows:          N = 200: 0.97 / 1.07, 256: 1.19 / 1.04, 320: 1.25 / 1.00, 384: 1.36 / 1.05
 #   causal, padded rows*:       N = 200: 0.58 / 0.78, 256: 0.65 / 0.78, 320: 0.63 / 0.75, 384: 0.79 / 0.90
 #   bidirectional, full rows:   N = 128: 0.88 / 1.12, 200: 1.38 / 1.32, 256: 1.46 / 1.22

@@ -111,11 +111,13 @@ ATTN_ROWS = 16
 # Selected slots are processed side by side in groups of at most this many keys (bq * slots * b): with
 # G = 4 the n = 4 slots of the 4 queries form two [16, 128] score tiles (2 slots each). 128 measured a
 # little faster than 256 (one [16, 256] tile) with one warp: 1.62 vs 1.70 ms for the whole layer's
-# forward + backward at N = 1k (H200, results/gpu_call13), 0.96 vs 1.09 ms for LTIS alone (gpu_call12).
+# forward + backward at N = 1k (H200, benchmarks/results/gpu_call13_2026-11-27), 0.96 vs 1.09 ms for LTIS
+# alone (gpu_call12_2026-11-27).
 ATTN_MAX_KEYS = 128
 # One warp per forward / dQ program: its [16, 128] tiles are small, and with more warps every row max / sum
 # becomes a cross-warp reduction through shared memory. Measured (H200, N = 1k and 32k, 65,536 tokens):
-# LTIS forward + backward 1.85 -> 1.09 ms and 2.07 -> 1.25 ms going from 4 warps to 1 (results/gpu_call12).
+# LTIS forward + backward 1.85 -> 1.09 ms and 2.07 -> 1.25 ms going from 4 warps to 1
+# (benchmarks/results/gpu_call12_2026-11-27).
 ATTN_NUM_WARPS = 1
 DQ_NUM_WARPS = 1
 # dK/dV: packed rows (pairs x G heads) per chunk of a key block's query list ([rows, d] x [d, b] tiles).
