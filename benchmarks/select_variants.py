@@ -19,7 +19,6 @@ import importlib.util
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -28,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-import kernels_ltis as kl  # noqa: E402  (inputs and the kept-set comparison)
+import kernels_ltis as kl  # noqa: E402  (inputs, timing and the kept-set comparison)
 from pallas_kernels import ltis_gpu  # noqa: E402
 
 WHILE = "_, vals, idxs = lax.while_loop(more, insert, (cand, vals, idxs))"
@@ -57,17 +56,6 @@ def load_variant(name: str, substitutions, interpret: bool):
     module.__file__ = ltis_gpu.__file__
     exec(compile(source, f"<ltis_gpu:{name}>", "exec"), module.__dict__)  # noqa: S102 - our own source
     return module
-
-
-def timeit(fn, args, warmup, iters):
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        samples.append((time.perf_counter() - start) * 1e3)
-    return round(statistics.median(samples), 4)
 
 
 def main(argv=None):
@@ -100,8 +88,8 @@ def main(argv=None):
                 continue
             if base is None:
                 base = (sel, kept)
-            row = dict(N=n, B=bsz, variant=name, select_ms=timeit(select, (x["qm"], x["ck"], x["bv"]), args.warmup,
-                                                                  args.iters),
+            select_ms, _ = kl.timeit(select, (x["qm"], x["ck"], x["bv"]), args.warmup, args.iters)
+            row = dict(N=n, B=bsz, variant=name, select_ms=round(select_ms, 4),
                        kept_set_mismatch_vs_as_is=kl.kept_set_mismatch(sel, kept, *base))
             print(json.dumps(row), flush=True)
             rows.append(row)
