@@ -122,7 +122,10 @@ ATTN_NUM_WARPS = 1
 DQ_NUM_WARPS = 1
 # dK/dV: packed rows (pairs x G heads) per chunk of a key block's query list ([rows, d] x [d, b] tiles).
 DKV_ROWS = 64
-DKV_NUM_WARPS = 4
+# One warp here too: the dK/dV kernel's device time 0.133 -> 0.092 ms at N = 1k, unchanged at 32k (H100, per-kernel
+# profile, benchmarks/results/gpu_call20_2026-11-27; 2 warps with 32 rows: 0.113; 1 warp with 32 rows: 0.090 at
+# 1k but 0.234 instead of 0.205 at 32k).
+DKV_NUM_WARPS = 1
 _compiler_params = gpu_common.compiler_params
 _next_pow2, _floor_pow2 = gpu_common.next_pow2, gpu_common.floor_pow2
 _idiv, _irem, _dot = gpu_common.idiv, gpu_common.irem, gpu_common.dot
