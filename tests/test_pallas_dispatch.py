@@ -43,17 +43,20 @@ CASES = [
 ]
 
 
-# "gpu" runs the fused dense-tile kernel (N <= FUSED_MAX_LEN), "gpu-split" the separate LTIS / STIS
-# gather kernels that longer sequences use.
-@pytest.mark.parametrize("backend", ["gpu", "gpu-split", "tpu"])
+# "gpu" runs the fused dense-tile kernel (N <= FUSED_MAX_LEN); "gpu-split" the separate LTIS / STIS gather
+# kernels that longer sequences use; "gpu-gated" the merged gather kernels of the longest causal sequences
+# (forced here; bidirectional attention and straight-through fall back to the separate kernels).
+@pytest.mark.parametrize("backend", ["gpu", "gpu-gated", "gpu-split", "tpu"])
 @pytest.mark.parametrize("causal,seq_len,num_heads,num_kv_heads,dtype,extra", CASES)
 def test_pallas_impl_matches_reference(backend, causal, seq_len, num_heads, num_kv_heads, dtype, extra,
                                        monkeypatch):
-    if backend == "gpu-split":
-        from pallas_kernels import fused_gpu
+    if backend in ("gpu-gated", "gpu-split"):
+        from pallas_kernels import fused_gpu, gated_gpu
 
         monkeypatch.setattr(fused_gpu, "FUSED_MAX_LEN", 0)
         monkeypatch.setattr(fused_gpu, "FUSED_MAX_LEN_BIDIRECTIONAL", 0)
+        if backend == "gpu-gated":
+            monkeypatch.setattr(gated_gpu, "MIN_LEN", 1)
         backend = "gpu"
     config = AttentionConfig(num_heads=num_heads, num_kv_heads=num_kv_heads, causal=causal, **extra)
     inputs = random_attention_inputs(config, 2, seq_len, seed=seq_len + num_heads, dtype=dtype)
@@ -102,6 +105,24 @@ def test_fused_kernel_policy(monkeypatch):
     monkeypatch.setattr(fused_gpu, "FUSED_MAX_LEN_BIDIRECTIONAL", 0)
     assert not pallas_ops.uses_fused_kernel("gpu", 1, config)
     assert not pallas_ops.uses_fused_kernel("gpu", 1, bidirectional)
+
+
+def test_gated_kernel_policy(monkeypatch):
+    from pallas_kernels import fused_gpu, gated_gpu
+
+    config = AttentionConfig()
+    longer = fused_gpu.FUSED_MAX_LEN + 1
+    assert pallas_ops.uses_gated_kernels("gpu", gated_gpu.MIN_LEN, config)
+    assert not pallas_ops.uses_gated_kernels("gpu", gated_gpu.MIN_LEN - 1, config)
+    monkeypatch.setattr(gated_gpu, "MIN_LEN", 1)
+    assert pallas_ops.uses_gated_kernels("gpu", longer, config)
+    assert not pallas_ops.uses_gated_kernels("gpu", fused_gpu.FUSED_MAX_LEN, config)  # the fused kernel's
+    assert not pallas_ops.uses_gated_kernels("gpu", longer, AttentionConfig(causal=False))
+    assert not pallas_ops.uses_gated_kernels("gpu", longer, AttentionConfig(straight_through=True))
+    assert not pallas_ops.uses_gated_kernels("gpu", longer, AttentionConfig(num_heads=6, num_kv_heads=2))
+    assert not pallas_ops.uses_gated_kernels("tpu", longer, config)
+    monkeypatch.setattr(gated_gpu, "MIN_LEN", longer + 1)
+    assert not pallas_ops.uses_gated_kernels("gpu", longer, config)
 
 
 def test_auto_policy():
