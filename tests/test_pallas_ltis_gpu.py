@@ -212,6 +212,22 @@ SELECT_CASES = [
 
 @pytest.mark.parametrize("n,hk,causal,n_sel", SELECT_CASES)
 def test_select_blocks(n, hk, causal, n_sel):
+    _check_selection(n, hk, causal, n_sel)
+
+
+@pytest.mark.parametrize("n,causal,n_sel", [(600, True, 4), (600, False, 4), (300, True, 8)])
+def test_select_blocks_over_several_key_tiles(monkeypatch, n, causal, n_sel):
+    """Key tiles of 16 compressed blocks, so the running top-n and log-sum-exp carry across several tiles per
+    query (the default 64-block tiles need N > 1024 for that, too slow for the interpreter)."""
+    monkeypatch.setattr(ltis_gpu, "SEL_BLOCK_K", 16)
+    jax.clear_caches()
+    try:
+        _check_selection(n, 2, causal, n_sel)
+    finally:
+        jax.clear_caches()
+
+
+def _check_selection(n, hk, causal, n_sel):
     rng = np.random.default_rng(1000 + n * 7 + hk + 3 * causal + n_sel)
     bsz, d = 2, 16
     nc = n // BLOCK
