@@ -46,13 +46,13 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
 import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # kernels_ltis (timing), also when loaded by path
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -67,6 +67,7 @@ except Exception as e:  # pragma: no cover - depends on the jax build
     plgpu_mosaic = None
     _MGPU_IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
+import kernels_ltis  # noqa: E402  (the benchmarks' timing loop)
 from pallas_kernels import fused_gpu, gpu_common, ltis_gpu, stis_gpu  # noqa: E402
 from pallas_kernels.stis_reference import stis_attention_reference, stis_reference_offsets  # noqa: E402
 
@@ -159,14 +160,8 @@ def _params_patched(variant: str):
 
 
 def _median_ms(fn, args, warmup, iters):
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return round(statistics.median(ts), 4), round(min(ts), 4)
+    med, low = kernels_ltis.timeit(fn, args, warmup, iters)
+    return round(med, 4), round(low, 4)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -164,13 +164,7 @@ def _forward_rows(q, q0, rows, k_ref, v_ref, valid_ref, sel_ref, *, seq_len, n_s
     rp, d = q.shape
 
     def update(carry, s, mask, kt, vt):
-        m, l, acc = carry
-        s = jnp.where(mask, s * qk_scale, _NEG_INF)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new)
-        alpha = jnp.exp2(m - m_safe)
-        p = jnp.exp2(s - m_safe[:, None])
-        return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + gc.dot(p.astype(vt.dtype), vt)
+        return ltis_gpu._softmax_step(carry, s, mask, vt, qk_scale)
 
     init = (jnp.full((rp,), _NEG_INF, jnp.float32), jnp.zeros((rp,), jnp.float32), jnp.zeros((rp, d), jnp.float32))
     ltis = ltis_gpu._walk_keys(init, update, q, q0, rows, k_ref, v_ref, valid_ref, sel_ref, seq_len=seq_len,
@@ -184,12 +178,16 @@ def _forward_rows(q, q0, rows, k_ref, v_ref, valid_ref, sel_ref, *, seq_len, n_s
 # Kernels. Refs (batch and kv head squeezed): q-like [N, G, d]; k, v [N, d]; valid [N] int32; sel [N, n]
 # int32 (encoded: >= 0 kept block); per-row statistics [N, G] float32.
 
-def _fwd_kernel(q_ref, k_ref, v_ref, valid_ref, sel_ref, gl_ref, gs_ref, out_ref, *res_refs, seq_len, g,
-                n_sel, bq, rp, block_size, mask_padded, window, plan, qk_scale):
-    d = q_ref.shape[-1]
+def _query_tile(q_ref, valid_ref, *, bq, rp, g, seq_len):
+    """(head dim, first query, packed rows, whether any row is a valid query) of this program's query tile."""
     q0 = pl.program_id(0) * bq
     rows = gc.Rows(q0, bq=bq, rp=rp, g=g, seq_len=seq_len, valid_ref=valid_ref)
-    any_row = ltis_gpu._any_row(rows)
+    return q_ref.shape[-1], q0, rows, ltis_gpu._any_row(rows)
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, valid_ref, sel_ref, gl_ref, gs_ref, out_ref, *res_refs, seq_len, g,
+                n_sel, bq, rp, block_size, mask_padded, window, plan, qk_scale):
+    d, q0, rows, any_row = _query_tile(q_ref, valid_ref, bq=bq, rp=rp, g=g, seq_len=seq_len)
 
     @pl.when(any_row)
     def _attend():
@@ -222,10 +220,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, valid_ref, sel_ref, gl_ref, gs_ref, out_ref
 def _dq_kernel(q_ref, k_ref, v_ref, valid_ref, sel_ref, gl_ref, gs_ref, do_ref, ol_ref, os_ref, lsel_ref,
                lses_ref, dq_ref, dgl_ref, dgs_ref, *, seq_len, g, n_sel, bq, rp, block_size, mask_padded,
                window, plan, qk_scale, sm_scale):
-    d = q_ref.shape[-1]
-    q0 = pl.program_id(0) * bq
-    rows = gc.Rows(q0, bq=bq, rp=rp, g=g, seq_len=seq_len, valid_ref=valid_ref)
-    any_row = ltis_gpu._any_row(rows)
+    d, q0, rows, any_row = _query_tile(q_ref, valid_ref, bq=bq, rp=rp, g=g, seq_len=seq_len)
 
     @pl.when(any_row)
     def _attend():

@@ -371,32 +371,35 @@ def _walk_keys(carry, visit, q, q0, rows, k_ref, v_ref, valid_ref, sel_ref, *, s
     return carry
 
 
+def _softmax_step(carry, s, mask, vt, qk_scale):
+    """One online-softmax step over a key tile, base 2: carry (m [R], l [R], acc [R, d]), raw scores s [R, K],
+    mask [R, K], values vt [K, d]. Masked scores are replaced (select), so they may hold anything."""
+    m, l, acc = carry
+    neg_inf = jnp.float32(-jnp.inf)
+    s = jnp.where(mask, s * qk_scale, neg_inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_safe = jnp.where(m_new == neg_inf, 0.0, m_new)
+    alpha = jnp.exp2(m - m_safe)
+    p = jnp.exp2(s - m_safe[:, None])
+    l = l * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.astype(vt.dtype), vt)
+    return m_new, l, acc
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, valid_ref, sel_ref, o_ref, lse_ref, *, seq_len, g, n_sel, bq, rp,
                 block_size, causal, mask_padded, qk_scale):
     # q_ref [N, G, d]; k_ref, v_ref [N, d]; valid_ref [N]; sel_ref [N, n]; o_ref [N, G, d]; lse_ref [N, G]
     d = q_ref.shape[-1]
     q0 = pl.program_id(0) * bq
     rows = _Rows(q0, bq=bq, rp=rp, g=g, seq_len=seq_len, valid_ref=valid_ref)
-    neg_inf = jnp.float32(-jnp.inf)
-
-    def update(carry, s, mask, vt):
-        m, l, acc = carry
-        s = jnp.where(mask, s * qk_scale, neg_inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        m_safe = jnp.where(m_new == neg_inf, 0.0, m_new)
-        alpha = jnp.exp2(m - m_safe)
-        p = jnp.exp2(s - m_safe[:, None])
-        l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.astype(vt.dtype), vt)
-        return m_new, l, acc
 
     @pl.when(_any_row(rows))
     def _attend():
         q = rows.load(q_ref, d)
         carry = (jnp.full((rp,), -jnp.inf, jnp.float32), jnp.zeros((rp,), jnp.float32),
                  jnp.zeros((rp, d), jnp.float32))
-        carry = _walk_keys(carry, lambda c, s, mask, kt, vt: update(c, s, mask, vt), q, q0, rows, k_ref,
-                           v_ref, valid_ref, sel_ref, seq_len=seq_len, n_sel=n_sel, bq=bq,
+        carry = _walk_keys(carry, lambda c, s, mask, kt, vt: _softmax_step(c, s, mask, vt, qk_scale), q, q0,
+                           rows, k_ref, v_ref, valid_ref, sel_ref, seq_len=seq_len, n_sel=n_sel, bq=bq,
                            block_size=block_size, causal=causal, mask_padded=mask_padded)
         m, l, acc = carry
         nonempty = rows.ok & (l > 0)
