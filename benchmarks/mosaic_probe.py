@@ -114,7 +114,7 @@ def _targets(text: str) -> list[str]:
         # "mosaic_gpu" is a prefix of "mosaic_gpu_v2": count the exact call-target spellings.
         if f"@{t}(" in text or f'"{t}"' in text or f"@{t} " in text:
             found.append(t)
-    if "mosaic_gpu_v2" in found and "mosaic_gpu" in found and f"@mosaic_gpu(" not in text:
+    if "mosaic_gpu_v2" in found and "mosaic_gpu" in found and "@mosaic_gpu(" not in text:
         found.remove("mosaic_gpu")
     return found
 

@@ -232,12 +232,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, valid_ref, sel_ref, gl_ref, gs_ref, do_ref, 
         dg_s = jnp.sum(do_f * rows.load(os_ref, d).astype(jnp.float32), axis=1)
 
         def branch_update(lse, gate, dg):
-            def update(dq, s, mask, kt, vt):
-                s = jnp.where(mask, s * qk_scale, _NEG_INF)
-                p = jnp.exp2(s - lse[:, None]) * gate[:, None]
-                ds = jnp.where(mask, p * (gc.dot(do, vt, trans_b=True) - dg[:, None]), 0.0)
-                return dq + gc.dot(ds.astype(kt.dtype), kt)
-            return update
+            return functools.partial(ltis_gpu._dq_step, do=do, lse=lse, delta=dg, qk_scale=qk_scale, gate=gate)
 
         dq = ltis_gpu._walk_keys(
             jnp.zeros((rp, d), jnp.float32), branch_update(rows.load_row(lsel_ref), rows.load_row(gl_ref), dg_l),
@@ -270,18 +265,15 @@ def _dkv_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, gl_ref, gs_ref, lsel_ref
     kw = plgpu.load(k_ref.at[pl.ds(k0, block_size), :], mask=kin[:, None], other=0.0)
     vw = plgpu.load(v_ref.at[pl.ds(k0, block_size), :], mask=kin[:, None], other=0.0)
     cd = jnp.arange(d, dtype=jnp.int32)[None, :]
-    ltis_stats = (lsel_ref, gl_ref, dgl_ref)
-    stis_stats = (lses_ref, gs_ref, dgs_ref)
 
-    def accumulate(carry, stats, qi_c, gg, ok, kmask):
+    def ltis_accumulate(carry, qi_c, gg, ok, kmask):
         """dK, dV of block w from the packed (query qi_c, head gg) rows ``ok`` over keys ``kmask`` [R, b]."""
         dk, dv = carry
-        lse_ref, gate_ref, dg_ref = stats
         q = plgpu.load(q_ref.at[qi_c[:, None], gg[:, None], cd], mask=ok[:, None], other=0.0)
         do = plgpu.load(do_ref.at[qi_c[:, None], gg[:, None], cd], mask=ok[:, None], other=0.0)
-        lse = plgpu.load(lse_ref.at[qi_c, gg], mask=ok, other=0.0)
-        gate = plgpu.load(gate_ref.at[qi_c, gg], mask=ok, other=0.0)
-        dg = plgpu.load(dg_ref.at[qi_c, gg], mask=ok, other=0.0)
+        lse = plgpu.load(lsel_ref.at[qi_c, gg], mask=ok, other=0.0)
+        gate = plgpu.load(gl_ref.at[qi_c, gg], mask=ok, other=0.0)
+        dg = plgpu.load(dgl_ref.at[qi_c, gg], mask=ok, other=0.0)
         mask = ok[:, None] & kmask
         s = jnp.where(mask, gc.dot(q, kw, trans_b=True) * qk_scale, _NEG_INF)
         p = jnp.exp2(s - lse[:, None]) * gate[:, None]
@@ -300,14 +292,14 @@ def _dkv_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, gl_ref, gs_ref, lsel_ref
         pidx = start + c * cq + rj
         pin = (r < cq * g) & (pidx < end)
         pair = plgpu.load(order_ref.at[jnp.where(pin, pidx, 0)], mask=pin, other=0)
-        return accumulate(carry, ltis_stats, jnp.where(pin, gc.idiv(pair, n_sel), 0), rg, pin, ksel[None, :])
+        return ltis_accumulate(carry, jnp.where(pin, gc.idiv(pair, n_sel), 0), rg, pin, ksel[None, :])
 
     carry = lax.fori_loop(0, gc.idiv(end - start + (cq - 1), cq), chunk_body, carry)
     ro = jnp.arange(rp_own, dtype=jnp.int32)
     qi = k0 + gc.idiv(ro, g)
     in_b = (ro < block_size * g) & (qi < seq_len)
     qi_c = jnp.where(in_b, qi, 0)
-    carry = accumulate(carry, ltis_stats, qi_c, gc.irem(ro, g), in_b & (valid_ref[qi_c] != 0),
+    carry = ltis_accumulate(carry, qi_c, gc.irem(ro, g), in_b & (valid_ref[qi_c] != 0),
                        kval[None, :] & (kpos[None, :] <= qi[:, None]))
 
     # (2) STIS: key j receives from the queries j + o of every offset o, one [b, G, d] tile of queries per

@@ -386,6 +386,19 @@ def _softmax_step(carry, s, mask, vt, qk_scale):
     return m_new, l, acc
 
 
+def _dq_step(dq, s, mask, kt, vt, *, do, lse, delta, qk_scale, gate=None):
+    """One dQ step over a key tile: ``dq + dS K`` with ``dS = P (dO V^T - delta)`` on the mask, where
+    ``P = exp2(s * qk_scale - lse)`` from raw scores s [R, K] (times the per-row ``gate`` [R] when given).
+    Masked entries are replaced (select), so they may hold anything."""
+    s = jnp.where(mask, s * qk_scale, jnp.float32(-jnp.inf))
+    p = jnp.exp2(s - lse[:, None])
+    if gate is not None:
+        p = p * gate[:, None]
+    dp = _dot(do, vt, trans_b=True)
+    ds = jnp.where(mask, p * (dp - delta[:, None]), 0.0)
+    return dq + _dot(ds.astype(kt.dtype), kt)
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, valid_ref, sel_ref, o_ref, lse_ref, *, seq_len, g, n_sel, bq, rp,
                 block_size, causal, mask_padded, qk_scale):
     # q_ref [N, G, d]; k_ref, v_ref [N, d]; valid_ref [N]; sel_ref [N, n]; o_ref [N, G, d]; lse_ref [N, G]
@@ -425,7 +438,6 @@ def _dq_kernel(q_ref, k_ref, v_ref, valid_ref, sel_ref, do_ref, lse_ref, delta_r
     d = q_ref.shape[-1]
     q0 = pl.program_id(0) * bq
     rows = _Rows(q0, bq=bq, rp=rp, g=g, seq_len=seq_len, valid_ref=valid_ref)
-    neg_inf = jnp.float32(-jnp.inf)
 
     @pl.when(_any_row(rows))
     def _attend():
@@ -434,13 +446,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, valid_ref, sel_ref, do_ref, lse_ref, delta_r
         lse = rows.load_row(lse_ref)
         delta = rows.load_row(delta_ref)
 
-        def update(dq, s, mask, kt, vt):
-            s = jnp.where(mask, s * qk_scale, neg_inf)
-            p = jnp.exp2(s - lse[:, None])
-            dp = _dot(do, vt, trans_b=True)
-            ds = jnp.where(mask, p * (dp - delta[:, None]), 0.0)
-            return dq + _dot(ds.astype(kt.dtype), kt)
-
+        update = functools.partial(_dq_step, do=do, lse=lse, delta=delta, qk_scale=qk_scale)
         dq = _walk_keys(jnp.zeros((rp, d), jnp.float32), update, q, q0, rows, k_ref, v_ref, valid_ref,
                         sel_ref, seq_len=seq_len, n_sel=n_sel, bq=bq, block_size=block_size, causal=causal,
                         mask_padded=mask_padded)
@@ -456,7 +462,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delta_ref, orde
                 qk_scale, sm_scale):
     # order_ref [M] (pair ids i*n + r sorted by block); starts_ref [NKB + 1]
     d = q_ref.shape[-1]
-    n_pairs = order_ref.shape[0]
     w = pl.program_id(0)
     k0 = w * block_size
     kpos = k0 + jnp.arange(block_size, dtype=jnp.int32)
