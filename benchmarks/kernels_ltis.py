@@ -30,11 +30,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
+import overrides  # noqa: E402  (benchmarks/overrides.py)
 from pallas_kernels import ltis_gpu, ltis_reference  # noqa: E402
 
 TOKENS = 65536
@@ -170,7 +171,7 @@ def parse_overrides(text: str) -> dict[str, int]:
     return overrides
 
 
-def time_lengths(lengths, causal, warmup, iters, with_full=True):
+def time_lengths(lengths, causal, warmup, iters, with_full=True, select_only=False):
     """Timings of selection, forward, forward+backward (and select+fwd+bwd) per length, bfloat16."""
     rows = []
     for n in lengths:
@@ -180,10 +181,10 @@ def time_lengths(lengths, causal, warmup, iters, with_full=True):
         sel, kept = jax.block_until_ready(fns["select"](x["qm"], x["ck"], x["bv"]))
         attn_args = (x["q"], x["k"], x["v"], x["valid"], sel, kept)
         rec = dict(N=n, B=bsz)
-        cases = [("select_ms", fns["select"], (x["qm"], x["ck"], x["bv"])),
-                 ("fwd_ms", fns["fwd"], attn_args),
-                 ("fwd_bwd_ms", fns["fwd_bwd"], attn_args + (x["ct"],))]
-        if with_full:
+        cases = [("select_ms", fns["select"], (x["qm"], x["ck"], x["bv"]))]
+        if not select_only:
+            cases += [("fwd_ms", fns["fwd"], attn_args), ("fwd_bwd_ms", fns["fwd_bwd"], attn_args + (x["ct"],))]
+        if with_full and not select_only:
             cases.append(("select_fwd_bwd_ms", fns["full"], (x["qm"], x["ck"], x["bv"], x["q"], x["k"], x["v"],
                                                              x["valid"], x["ct"])))
         for nm, fn, a in cases:
@@ -195,19 +196,20 @@ def time_lengths(lengths, causal, warmup, iters, with_full=True):
     return rows
 
 
-def sweep(configs, lengths, causal, warmup, iters):
+def sweep(configs, lengths, causal, warmup, iters, select_only=False):
     """Times every set of tile overrides (after a correctness check); the module is restored after each."""
     rows = []
     parsed = [("", {})] + [(text, parse_overrides(text)) for text in configs]  # fail before any timing
-    for text, overrides in parsed:
-        saved = {name: getattr(ltis_gpu, name) for name in overrides}
+    for text, settings in parsed:
+        saved = {name: getattr(ltis_gpu, name) for name in settings}
         try:
-            for name, value in overrides.items():
+            for name, value in settings.items():
                 setattr(ltis_gpu, name, value)
             checks = [check(f"sweep_{text or 'defaults'}_{'causal' if c else 'bidir'}", 2, 1000, jnp.bfloat16, c,
                             False, [1000, 513], seed, 3e-2) for seed, c in ((71, True), (72, False))]
             ok = all(r["ok"] for r in checks)
-            timings = time_lengths(lengths, causal, warmup, iters, with_full=False) if ok else []
+            timings = time_lengths(lengths, causal, warmup, iters, with_full=False,
+                                   select_only=select_only) if ok else []
             row = dict(overrides=text or "defaults", checks_ok=ok, timings=timings)
         except Exception as error:  # noqa: BLE001 - a config that does not compile is a result too
             row = dict(overrides=text or "defaults", error=f"{type(error).__name__}: {str(error)[:300]}")
@@ -234,7 +236,12 @@ def main():
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--sweep", nargs="*", default=None, metavar="OVERRIDES",
                     help='tile-constant overrides to time, e.g. "ATTN_ROWS=32,ATTN_NUM_WARPS=2" (see docstring)')
+    ap.add_argument("--select-only", action="store_true", help="time the selection kernel only")
+    ap.add_argument("--set", default=None, metavar="module.NAME=int,...",
+                    help="override pallas_kernels constants for the whole run (benchmarks/overrides.py), e.g. "
+                         "ltis_gpu.SEL_ROWS_MAX_BLOCKS=-1 (tile-wise selection at every N)")
     args = ap.parse_args()
+    kernel_overrides = overrides.apply(args.set)
     INTERPRET = args.interpret
     TOKENS = args.tokens
     lengths = [int(s) for s in args.lengths.split(",") if s]
@@ -244,10 +251,12 @@ def main():
         device=str(jax.devices()[0]), device_kind=jax.devices()[0].device_kind, jax=jax.__version__,
         shape=dict(tokens=TOKENS, H=H, Hk=HK, d=D, block=BLOCK, n_sel=N_SEL, dtype="bfloat16", causal=causal),
         tiles=dict(SEL_BLOCK_Q=ltis_gpu.SEL_BLOCK_Q, SEL_BLOCK_K=ltis_gpu.SEL_BLOCK_K,
+                   SEL_ROWS_MAX_BLOCKS=ltis_gpu.SEL_ROWS_MAX_BLOCKS, SEL_ROWS_BLOCK_Q=ltis_gpu.SEL_ROWS_BLOCK_Q,
+                   SEL_ROWS_NUM_WARPS=ltis_gpu.SEL_ROWS_NUM_WARPS, SEL_LONGEST_FIRST=ltis_gpu.SEL_LONGEST_FIRST,
                    ATTN_ROWS=ltis_gpu.ATTN_ROWS, ATTN_MAX_KEYS=ltis_gpu.ATTN_MAX_KEYS,
                    DKV_ROWS=ltis_gpu.DKV_ROWS, warps=[ltis_gpu.SEL_NUM_WARPS, ltis_gpu.ATTN_NUM_WARPS,
                                                       ltis_gpu.DKV_NUM_WARPS], stages=ltis_gpu.NUM_STAGES),
-        checks=[], timings=[],
+        kernel_overrides=kernel_overrides, checks=[], timings=[],
     )
 
     if not args.skip_check:
@@ -273,7 +282,7 @@ def main():
         result["all_checks_ok"] = all(r["ok"] for r in result["checks"])
 
     if not args.check_only:
-        result["timings"] = time_lengths(lengths, causal, args.warmup, args.iters)
+        result["timings"] = time_lengths(lengths, causal, args.warmup, args.iters, select_only=args.select_only)
         if args.reference_timings:
             for rec in result["timings"]:
                 n = rec["N"]
@@ -284,7 +293,7 @@ def main():
                                 max(3, args.iters // 4))
                 rec["reference_fwd_bwd_ms"] = round(med, 4)
     if args.sweep is not None:
-        result["sweep"] = sweep(args.sweep, lengths, causal, args.warmup, args.iters)
+        result["sweep"] = sweep(args.sweep, lengths, causal, args.warmup, args.iters, select_only=args.select_only)
 
     text = json.dumps(result, indent=1)
     print(text)

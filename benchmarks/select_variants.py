@@ -1,6 +1,7 @@
-"""Where the selection kernel's time goes: source-level variants of ``pallas_kernels/ltis_gpu.py``'s
+"""Where the tile-wise selection kernel's time goes: source-level variants of ``pallas_kernels/ltis_gpu.py``'s
 ``select_blocks_gpu``, each built from the module's source by one text substitution and timed in the same
-process (bfloat16 compressed keys, 65,536 tokens, H = 8, Hk = 2, d = 16, causal).
+process (bfloat16 compressed keys, 65,536 tokens, H = 8, Hk = 2, d = 16, causal). Every variant runs the
+tile-wise kernel at every N (``SEL_ROWS_MAX_BLOCKS = -1``; by default N < 16,384 uses the row-wise kernel).
 
 Variants (``VARIANTS``): the kernel as it is (TF32x3 scoring products); IEEE and single-pass TF32 scoring
 products; the top-n insertion as a fixed ``n``-round loop instead of the data-dependent ``while`` (always,
@@ -55,6 +56,7 @@ def load_variant(name: str, substitutions, interpret: bool):
     module = importlib.util.module_from_spec(spec)
     module.__file__ = ltis_gpu.__file__
     exec(compile(source, f"<ltis_gpu:{name}>", "exec"), module.__dict__)  # noqa: S102 - our own source
+    module.SEL_ROWS_MAX_BLOCKS = -1  # the variants are of the tile-wise kernel
     return module
 
 

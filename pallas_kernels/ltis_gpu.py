@@ -3,20 +3,29 @@
 Two entry points, each beside its pure-jnp reference in :mod:`pallas_kernels.ltis_reference`:
 
 * :func:`select_blocks_gpu` - fused compressed scoring + top-n block selection (SPEC 3.3-3.4, 3.8), no
-  gradient. One program per (batch, kv head, tile of ``SEL_BLOCK_Q`` queries) streams the compressed keys in
-  tiles of ``SEL_BLOCK_K`` blocks: a ``[BQ, d] x [d, BK]`` matmul, the visibility mask, a running
-  max / sum for the log-sum-exp of ``[-1000, visible scores]`` and a running top-n list. Nothing of size
-  ``[N, Nc]`` leaves the kernel. In causal mode the tile loop stops at the last block visible to the tile's
-  last query (the triangle is skipped). Pallas-Triton has no sort / top_k, so the running top-n is kept as
-  n per-query (value, index) columns, sorted descending; each tile inserts its candidates with at most n
-  max-and-mask rounds (a ``while`` loop that runs only while some query of the tile still has a score above
-  its current n-th best, so late tiles usually cost one comparison; always running n rounds measured
-  slower at N >= 4k, and splitting the key range over more programs (merged in XLA) slower at every N:
-  benchmarks/NOTES.md). The float32 scores use TF32x3 products on the GPU
-  (``gpu_common.selection_score_precision``). Ties are broken towards the lower
-  block index (same as ``lax.top_k``). Selection is by score, which orders blocks exactly as p does (p is a
-  monotone function of the score); ``kept = p > keep_threshold`` uses the final log-sum-exp. Slots that
-  hold no visible block (n larger than the number of visible blocks, or n > Nc) get index 0, kept False.
+  gradient. Nothing of size ``[N, Nc]`` leaves the kernel, and in causal mode each program stops at the last
+  block visible to its last query (the triangle is skipped). Pallas-Triton has no sort / top_k, so the running
+  top-n is kept as n per-query (value, index) columns, sorted descending. Two kernels, chosen by Nc
+  (``SEL_ROWS_MAX_BLOCKS``, measured):
+
+  - row-wise (``_select_rows_kernel``, Nc <= 1023): one program per (batch, kv head, ``SEL_ROWS_BLOCK_Q``
+    queries) holds the mean query as d vectors of one entry per query and walks the compressed blocks one at
+    a time: the score is d float32 FMAs (IEEE products), then a branch-free sorted insertion and, per
+    unrolled step of ``SEL_ROWS_CHUNK`` blocks, an online log-sum-exp update. No value is reduced across
+    threads. Blocks before the tile's first query's own block skip the per-query causal test.
+  - tile-wise (``_select_kernel``, longer N): one program per (batch, kv head, tile of ``SEL_BLOCK_Q``
+    queries) streams the compressed keys in tiles of ``SEL_BLOCK_K`` blocks: a ``[BQ, d] x [d, BK]`` matmul
+    (TF32x3 products on the GPU, ``gpu_common.selection_score_precision``), the visibility mask, a running
+    max / sum for the log-sum-exp, and an insertion of each tile's candidates with at most n max-and-mask
+    rounds (a ``while`` loop that runs only while some query of the tile still has a score above its current
+    n-th best; always running n rounds measured slower at N >= 4k, and splitting the key range over more
+    programs (merged in XLA) slower at every N: benchmarks/NOTES.md). Causal grids launch the tiles with the
+    most visible blocks first (``SEL_LONGEST_FIRST``).
+
+  Both break ties towards the lower block index (same as ``lax.top_k``). Selection is by score, which orders
+  blocks exactly as p does (p is a monotone function of the score); ``kept = p > keep_threshold`` uses the
+  final log-sum-exp of ``[-1000, visible scores]``. Slots that hold no visible block (n larger than the
+  number of visible blocks, or n > Nc) get index 0, kept False.
 
 * :func:`ltis_attention_gpu` - fine attention over the kept blocks plus the causal own block (SPEC 3.5, 3.7,
   3.8), a ``jax.custom_vjp`` with a flash-style backward (the forward saves the log-sum-exp; the backward
@@ -46,11 +55,12 @@ and exponentials, which is why ``ATTN_ROWS`` (rows per program) is small: the FL
 dK / dV strategy (deterministic, no atomics)
 --------------------------------------------
 The selection is inverted in XLA: the (query, slot) pairs of each (batch, kv head) whose block is kept
-(and whose query is valid) are stably sorted by block index (``lax.sort`` on [B, Hk, N*n] int32 keys,
-O(N n) memory) and a cumulative count gives each key block's segment. The dK/dV kernel has one program per
-(batch, kv head, key block w): it loads K_w, V_w once, walks its segment in chunks of ``DKV_ROWS`` packed
-rows (queries x G heads, gathered), accumulates ``dV += P^T dO`` and ``dK += dS^T Q`` in registers, adds
-the own-block contribution of the b queries of block w (causal), and writes dK_w / dV_w once. Every output
+(and whose query is valid) are stably sorted by block index (``lax.sort`` of packed int32 keys, O(N n)
+memory: per row of [B, Hk, N*n], or from ``DKV_FLAT_SORT_MIN_PAIRS`` pairs on all rows as one 1-D array, which
+XLA runs as CUB's radix sort) and a cumulative count gives each key block's segment. The dK/dV kernel has one
+program per (batch, kv head, key block w): it loads K_w, V_w once, walks its segment in chunks of ``DKV_ROWS``
+packed rows (queries x G heads, gathered), accumulates ``dV += P^T dO`` and ``dK += dS^T Q`` in registers,
+adds the own-block contribution of the b queries of block w (causal), and writes dK_w / dV_w once. Every output
 element is written by exactly one program in a fixed order: the backward is bitwise deterministic.
 Trade-offs: (+) no atomics (Pallas-Triton does expose ``atomic_add``, but float atomics make training
 non-reproducible and the 4 x 16 x 16 scattered adds per query would contend in L2), no [N, Nc] or
@@ -104,6 +114,20 @@ SEL_BLOCK_Q = 64
 # [BQ, BK] tile, so tiles much larger than this spend registers without saving rounds.
 SEL_BLOCK_K = 64
 SEL_NUM_WARPS = 4
+# Row-wise selection (``_select_rows_kernel``), used up to this many compressed blocks (Nc = N / b): one [BQ]
+# vector per query row, the scores summed by FMAs block by block, a branch-free sorted insertion per score (no
+# max-and-mask rounds, no cross-thread reductions). Measured (H100, 65,536 tokens, selection alone,
+# benchmarks/results/gpu_call29_2026-11-27): 0.14 / 0.20 / 0.81 / 1.29 ms at N = 1k / 4k / 32k / 64k against
+# 0.16 / 0.27 / 0.92 / 1.41 for the tile kernel and 0.20 / 0.24 / 0.79 / 1.18 for the tile kernel launched
+# longest-first; 32 queries and one warp per program measured best of 32-256 queries and 1-4 warps
+# (gpu_call28). Two interleaved running lists per row did not help.
+SEL_ROWS_MAX_BLOCKS = 1023
+SEL_ROWS_BLOCK_Q = 32
+SEL_ROWS_NUM_WARPS = 1
+SEL_ROWS_CHUNK = 8  # compressed blocks per unrolled loop step
+# Causal tile-kernel selection: launch the query tiles with the most visible blocks first (grid (B, Hk, tiles),
+# tiles in reverse), so the longest programs do not start last: 0.92 -> 0.79 ms at N = 32k (gpu_call29).
+SEL_LONGEST_FIRST = 1
 # Fine attention (forward and dQ): packed rows (queries x G heads) per program. 16 is the tensor-core
 # minimum; with G = 4 it is 4 queries (4x block-diagonal waste in the selected-key tile). Larger values
 # share the own-block load over more queries but waste more exponentials on the block-diagonal mask.
@@ -126,6 +150,11 @@ DKV_ROWS = 64
 # profile, benchmarks/results/gpu_call20_2026-11-27; 2 warps with 32 rows: 0.113; 1 warp with 32 rows: 0.090 at
 # 1k but 0.234 instead of 0.205 at 32k).
 DKV_NUM_WARPS = 1
+# dK/dV inverse selection: from this many (query, slot) pairs per (batch, kv head) on (N >= 8,192 with n = 4),
+# all rows are sorted as one 1-D array, which XLA runs as CUB's radix sort (``_inverse_selection``). Device time
+# of the sort (H100, 65,536 tokens, benchmarks/results/gpu_call31_2026-11-27): 0.053 / 0.054 / 0.053 ms at N =
+# 1k / 4k / 32k against 0.035 / 0.058 / 0.115 for XLA's per-row sort, which is also one kernel instead of ~10.
+DKV_FLAT_SORT_MIN_PAIRS = 32768
 _compiler_params = gpu_common.compiler_params
 _next_pow2, _floor_pow2 = gpu_common.next_pow2, gpu_common.floor_pow2
 _idiv, _irem, _dot = gpu_common.idiv, gpu_common.irem, gpu_common.dot
@@ -136,11 +165,26 @@ _LOG2E = gpu_common.LOG2E
 # ========================================================================================================
 # (A) Selection
 # ========================================================================================================
+def _query_tile(longest_first: bool):
+    """Index of this program's query tile in a ``_query_tile_grid`` grid."""
+    if longest_first:
+        return pl.num_programs(2) - 1 - pl.program_id(2)
+    return pl.program_id(0)
+
+
+def _query_tile_grid(n_tiles: int, bsz: int, hk: int, longest_first: bool):
+    """(grid, wrap) for programs over (query tile, batch, kv head): tile fastest, or, longest first, batch
+    and kv head fastest with the tiles in reverse. ``wrap`` turns an index map of (t, b, h) into one of the
+    grid's order."""
+    if longest_first:
+        return (bsz, hk, n_tiles), lambda index_map: (lambda b, h, t: index_map(t, b, h))
+    return (n_tiles, bsz, hk), lambda index_map: index_map
+
+
 def _select_kernel(qm_ref, ck_ref, bv_ref, out_ref, *, seq_len, nc, n_sel, n_pad, block_size, causal,
-                   scale, keep_threshold, bq, bk, score_precision):
+                   scale, keep_threshold, bq, bk, score_precision, longest_first):
     # qm_ref [N, d] f32; ck_ref [Nc, d]; bv_ref [Nc] int32; out_ref [N, n_pad] int32
-    t = pl.program_id(0)
-    q0 = t * bq
+    q0 = _query_tile(longest_first) * bq
     rows = q0 + jnp.arange(bq, dtype=jnp.int32)
     row_in = rows < seq_len
     qm = plgpu.load(qm_ref.at[pl.ds(q0, bq), :], mask=row_in[:, None], other=0.0).astype(jnp.float32)
@@ -210,7 +254,83 @@ def _select_kernel(qm_ref, ck_ref, bv_ref, out_ref, *, seq_len, nc, n_sel, n_pad
     vals0 = tuple(jnp.full((bq,), -jnp.inf, jnp.float32) for _ in range(n_sel))
     idxs0 = tuple(jnp.zeros((bq,), jnp.int32) for _ in range(n_sel))
     m, l, vals, idxs = lax.fori_loop(0, n_tiles, tile_body, (m0, l0, vals0, idxs0))
+    _store_selection(out_ref, q0, row_in, m, l, vals, idxs, n_sel=n_sel, n_pad=n_pad, bq=bq,
+                     keep_threshold=keep_threshold)
 
+
+def _select_rows_kernel(qmt_ref, ck_ref, bv_ref, out_ref, *, seq_len, nc, d, n_sel, n_pad, block_size, causal,
+                        scale, keep_threshold, bq, chunk):
+    # qmt_ref [d, N] f32 (mean query, transposed: one contiguous row per feature); ck_ref [Nc, d] f32;
+    # bv_ref [Nc] int32; out_ref [N, n_pad] int32. Every value below is a [bq] vector (one entry per query)
+    # or a scalar of the current compressed block w, so nothing is reduced across threads.
+    q0 = pl.program_id(0) * bq
+    rows = q0 + jnp.arange(bq, dtype=jnp.int32)
+    row_in = rows < seq_len
+    qm_features = [plgpu.load(qmt_ref.at[jnp.int32(j), pl.ds(q0, bq)], mask=row_in, other=0.0)
+                   for j in range(d)]
+
+    if causal:
+        last_q = jnp.minimum(q0 + bq, seq_len) - 1
+        n_blocks = jnp.minimum(jnp.int32(nc), _idiv(last_q, block_size))
+        # blocks before the tile's first query's block are visible to every query of the tile: their chunks
+        # skip the per-query causal test
+        n_shared_chunks = _idiv(jnp.minimum(n_blocks, _idiv(q0, block_size)), chunk)
+    else:
+        n_blocks = jnp.int32(nc)
+        n_shared_chunks = _idiv(n_blocks, chunk)
+    neg_inf = jnp.float32(-jnp.inf)
+
+    def block_score(w, per_query_causal):
+        """Masked scaled scores [bq] of compressed block w (-inf where invisible)."""
+        w_load = jnp.minimum(w, nc - 1)  # steps past n_blocks load a real block and mask it
+        s = qm_features[0] * ck_ref[w_load, 0]
+        for j in range(1, d):
+            s = s + qm_features[j] * ck_ref[w_load, j]
+        vis = (w < n_blocks) & (bv_ref[w_load] != 0)
+        if per_query_causal:
+            vis = vis & (w * block_size + (block_size - 1) < rows)
+        else:
+            vis = jnp.broadcast_to(vis, (bq,))
+        return jnp.where(vis, s * scale, neg_inf)
+
+    def insert(vals, idxs, s, w):
+        """Sorted (descending) insertion of score s of block w. Blocks arrive in increasing order, so strict >
+        keeps the lower index on ties."""
+        above = [s > v for v in vals]
+        new_vals, new_idxs = [jnp.where(above[0], s, vals[0])], [jnp.where(above[0], w, idxs[0])]
+        for j in range(1, n_sel):
+            new_vals.append(jnp.where(above[j - 1], vals[j - 1], jnp.where(above[j], s, vals[j])))
+            new_idxs.append(jnp.where(above[j - 1], idxs[j - 1], jnp.where(above[j], w, idxs[j])))
+        return tuple(new_vals), tuple(new_idxs)
+
+    def chunk_body(per_query_causal):
+        def body(c, carry):
+            m, l, vals, idxs = carry
+            scores = []
+            for u in range(chunk):
+                w = c * chunk + u
+                s = block_score(w, per_query_causal)
+                vals, idxs = insert(vals, idxs, s, w)
+                scores.append(s)
+            m_new = functools.reduce(jnp.maximum, scores, m)
+            l = l * jnp.exp(m - m_new) + functools.reduce(lax.add, [jnp.exp(s - m_new) for s in scores])
+            return m_new, l, vals, idxs
+        return body
+
+    m0 = jnp.full((bq,), -1000.0, jnp.float32)  # the -1000 sink of the softmax, with l = 1
+    l0 = jnp.ones((bq,), jnp.float32)
+    vals0 = tuple(jnp.full((bq,), -jnp.inf, jnp.float32) for _ in range(n_sel))
+    idxs0 = tuple(jnp.zeros((bq,), jnp.int32) for _ in range(n_sel))
+    n_chunks = _idiv(n_blocks + (chunk - 1), chunk)
+    carry = lax.fori_loop(0, n_shared_chunks, chunk_body(False), (m0, l0, vals0, idxs0))
+    m, l, vals, idxs = lax.fori_loop(n_shared_chunks, n_chunks, chunk_body(causal), carry)
+    _store_selection(out_ref, q0, row_in, m, l, vals, idxs, n_sel=n_sel, n_pad=n_pad, bq=bq,
+                     keep_threshold=keep_threshold)
+
+
+def _store_selection(out_ref, q0, row_in, m, l, vals, idxs, *, n_sel, n_pad, bq, keep_threshold):
+    """Writes the encoded selection (index if kept, -1 - index if not) of the tile's queries: kept iff
+    p = exp(score - m) / l > keep_threshold, with (m, l) the final log-sum-exp."""
     slot = jnp.arange(n_pad, dtype=jnp.int32)[None, :]
     out = jnp.zeros((bq, n_pad), jnp.int32)
     for j in range(n_sel):
@@ -259,36 +379,79 @@ def select_blocks_gpu(
         return z, z.astype(bool)
     q_mean = lax.stop_gradient(q_mean)
     compressed_keys = lax.stop_gradient(compressed_keys)
+    n_pad = _next_pow2(n_sel)
+    if nc <= SEL_ROWS_MAX_BLOCKS:
+        enc = _select_rows_call(q_mean, compressed_keys, block_valid, n_sel=n_sel, n_pad=n_pad,
+                                block_size=int(block_size), causal=bool(causal), scale=float(scale),
+                                keep_threshold=float(keep_threshold), interpret=interpret)
+    else:
+        enc = _select_tiles_call(q_mean, compressed_keys, block_valid, n_sel=n_sel, n_pad=n_pad,
+                                 block_size=int(block_size), causal=bool(causal), scale=float(scale),
+                                 keep_threshold=float(keep_threshold), interpret=interpret)
+    enc = enc[..., :n_sel]
+    kept = enc >= 0
+    selected = jnp.where(kept, enc, -1 - enc)
+    return selected, kept
+
+
+def _select_rows_call(q_mean, compressed_keys, block_valid, *, n_sel, n_pad, block_size, causal, scale,
+                      keep_threshold, interpret):
+    """Row-wise selection kernel: encoded selection [B, N, Hk, n_pad] int32."""
+    bsz, n, hk, d = q_mean.shape
+    nc = compressed_keys.shape[2]
+    qmt = jnp.transpose(q_mean.astype(jnp.float32), (0, 2, 3, 1))  # [B, Hk, d, N]
+    bq = min(SEL_ROWS_BLOCK_Q, max(16, _next_pow2(n)))
+    kernel = functools.partial(
+        _select_rows_kernel, seq_len=n, nc=nc, d=d, n_sel=n_sel, n_pad=n_pad, block_size=block_size,
+        causal=causal, scale=scale, keep_threshold=keep_threshold, bq=bq, chunk=SEL_ROWS_CHUNK)
+    return pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(n, bq), bsz, hk),
+        in_specs=[
+            pl.BlockSpec((None, None, d, n), lambda t, b, h: (b, h, 0, 0)),
+            pl.BlockSpec((None, None, nc, d), lambda t, b, h: (b, h, 0, 0)),
+            pl.BlockSpec((None, nc), lambda t, b, h: (b, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, n, None, n_pad), lambda t, b, h: (b, 0, h, 0)),
+        out_shape=jax.ShapeDtypeStruct((bsz, n, hk, n_pad), jnp.int32),
+        compiler_params=_compiler_params(SEL_ROWS_NUM_WARPS),
+        interpret=interpret,
+        name="ltis_select",
+    )(qmt, compressed_keys.astype(jnp.float32), block_valid.astype(jnp.int32))
+
+
+def _select_tiles_call(q_mean, compressed_keys, block_valid, *, n_sel, n_pad, block_size, causal, scale,
+                       keep_threshold, interpret):
+    """Tile-wise selection kernel (matmul scores, running top-n by max-and-mask rounds)."""
+    bsz, n, hk, d = q_mean.shape
+    nc = compressed_keys.shape[2]
     dp = _padded_head_dim(d)
     qm = _pad_last(q_mean.astype(jnp.float32), dp)
     ck = _pad_last(compressed_keys, dp)
     bv = block_valid.astype(jnp.int32)
     bq = min(SEL_BLOCK_Q, max(16, _next_pow2(n)))
     bk = min(SEL_BLOCK_K, max(16, _next_pow2(nc)))
-    n_pad = _next_pow2(n_sel)
+    longest_first = bool(SEL_LONGEST_FIRST) and causal
+    grid, wrap = _query_tile_grid(pl.cdiv(n, bq), bsz, hk, longest_first)
     kernel = functools.partial(
-        _select_kernel, seq_len=n, nc=nc, n_sel=n_sel, n_pad=n_pad, block_size=int(block_size),
-        causal=bool(causal), scale=float(scale), keep_threshold=float(keep_threshold), bq=bq, bk=bk,
-        score_precision=gpu_common.selection_score_precision(bool(interpret)),
+        _select_kernel, seq_len=n, nc=nc, n_sel=n_sel, n_pad=n_pad, block_size=block_size,
+        causal=causal, scale=scale, keep_threshold=keep_threshold, bq=bq, bk=bk,
+        score_precision=gpu_common.selection_score_precision(bool(interpret)), longest_first=longest_first,
     )
-    enc = pl.pallas_call(
+    return pl.pallas_call(
         kernel,
-        grid=(pl.cdiv(n, bq), bsz, hk),
+        grid=grid,
         in_specs=[
-            pl.BlockSpec((None, n, None, dp), lambda t, b, h: (b, 0, h, 0)),
-            pl.BlockSpec((None, None, nc, dp), lambda t, b, h: (b, h, 0, 0)),
-            pl.BlockSpec((None, nc), lambda t, b, h: (b, 0)),
+            pl.BlockSpec((None, n, None, dp), wrap(lambda t, b, h: (b, 0, h, 0))),
+            pl.BlockSpec((None, None, nc, dp), wrap(lambda t, b, h: (b, h, 0, 0))),
+            pl.BlockSpec((None, nc), wrap(lambda t, b, h: (b, 0))),
         ],
-        out_specs=pl.BlockSpec((None, n, None, n_pad), lambda t, b, h: (b, 0, h, 0)),
+        out_specs=pl.BlockSpec((None, n, None, n_pad), wrap(lambda t, b, h: (b, 0, h, 0))),
         out_shape=jax.ShapeDtypeStruct((bsz, n, hk, n_pad), jnp.int32),
         compiler_params=_compiler_params(SEL_NUM_WARPS),
         interpret=interpret,
         name="ltis_select",
     )(qm, ck, bv)
-    enc = enc[..., :n_sel]
-    kept = enc >= 0
-    selected = jnp.where(kept, enc, -1 - enc)
-    return selected, kept
 
 
 # ========================================================================================================
@@ -576,11 +739,16 @@ def _inverse_selection(valid_i, sel_enc, n_key_blocks):
     keys = jnp.where((sel_enc >= 0) & (valid_i[:, :, None, None] != 0), sel_enc, n_key_blocks)
     keys = jnp.transpose(keys, (0, 2, 1, 3)).reshape(bsz, hk, n_pairs).astype(jnp.int32)
     ids = lax.broadcasted_iota(jnp.int32, keys.shape, 2)
-    if (n_key_blocks + 1) * n_pairs <= _PACKED_SORT_MAX:
+    rows = lax.broadcasted_iota(jnp.int32, keys.shape, 0) * hk + lax.broadcasted_iota(jnp.int32, keys.shape, 1)
+    if n_pairs >= DKV_FLAT_SORT_MIN_PAIRS and bsz * hk * (n_key_blocks + 1) * n_pairs <= _PACKED_SORT_MAX:
+        # (row, key, id) packed into one int32 and sorted as one 1-D array: each row's n_pairs entries stay
+        # together and in order, and XLA hands a long 1-D int32 sort to CUB's radix sort on GPUs
+        packed = (rows * (n_key_blocks + 1) + keys) * n_pairs + ids
+        order = lax.sort(packed.reshape(-1)).reshape(bsz, hk, n_pairs) % n_pairs
+    elif (n_key_blocks + 1) * n_pairs <= _PACKED_SORT_MAX:
         order = lax.sort(keys * n_pairs + ids, dimension=2) % n_pairs
     else:
         _, order = lax.sort((keys, ids), dimension=2, is_stable=True, num_keys=1)
-    rows = lax.broadcasted_iota(jnp.int32, keys.shape, 0) * hk + lax.broadcasted_iota(jnp.int32, keys.shape, 1)
     counts = jnp.zeros((bsz * hk * (n_key_blocks + 1),), jnp.int32).at[
         (rows * (n_key_blocks + 1) + keys).reshape(-1)].add(1, mode="promise_in_bounds")
     counts = counts.reshape(bsz, hk, n_key_blocks + 1)

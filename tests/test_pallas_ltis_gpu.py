@@ -2,9 +2,10 @@
 
 Checked against the pure-jnp references (pallas_kernels/ltis_reference.py) and against brute-force oracles
 written here from the SPEC (a float64 numpy selection oracle and a dense [N, N]-mask attention oracle):
-selection kept-sets, outputs and gradients w.r.t. q, k, v (random cotangent), float32 and bfloat16, causal
-and bidirectional, mask_padded_block_keys on/off, N in {1, 5, 16, 17, 50, 130}, n larger than the number of
-visible blocks, GQA G in {1, 2, 4, 8}, right padding with a one-item row, NaN at padded positions.
+selection kept-sets (both selection kernels, row-wise and tile-wise), outputs and gradients w.r.t. q, k, v
+(random cotangent), float32 and bfloat16, causal and bidirectional, mask_padded_block_keys on/off, N in
+{1, 5, 16, 17, 50, 130}, n larger than the number of visible blocks, GQA G in {1, 2, 4, 8}, right padding with
+a one-item row, NaN at padded positions.
 Plus a CUDA lowering check through ``jax.export`` (no GPU needed).
 
 Interpret mode compiles slowly, so the jitted entry points are shared module-level functions (one compile per
@@ -13,6 +14,7 @@ distinct shape / static configuration) and each configuration checks as much as 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -30,11 +32,27 @@ THR = 1e-10
 # ------------------------------------------------------------------------------------------------------
 # shared jitted entry points
 # ------------------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("causal", "n_sel"))
-def _select_kernel(qm, ck, bv, *, causal, n_sel):
+# the two selection kernels, by the largest compressed-block count for which the row-wise one is used
+SELECTION_KERNELS = {"tiles": -1, "rows": 2**31 - 1}
+
+
+@contextlib.contextmanager
+def _selection_kernel(kernel: str):
+    """Traces ``select_blocks_gpu`` with the tile-wise or the row-wise selection kernel."""
+    saved = ltis_gpu.SEL_ROWS_MAX_BLOCKS
+    ltis_gpu.SEL_ROWS_MAX_BLOCKS = SELECTION_KERNELS[kernel]
+    try:
+        yield
+    finally:
+        ltis_gpu.SEL_ROWS_MAX_BLOCKS = saved
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "n_sel", "kernel"))
+def _select_kernel(qm, ck, bv, *, causal, n_sel, kernel="tiles"):
     scale = 1.0 / math.sqrt(qm.shape[-1])
-    return ltis_gpu.select_blocks_gpu(qm, ck, bv, causal=causal, num_selected=n_sel, block_size=BLOCK,
-                                      keep_threshold=THR, scale=scale, interpret=True)
+    with _selection_kernel(kernel):
+        return ltis_gpu.select_blocks_gpu(qm, ck, bv, causal=causal, num_selected=n_sel, block_size=BLOCK,
+                                          keep_threshold=THR, scale=scale, interpret=True)
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "n_sel"))
@@ -210,24 +228,41 @@ SELECT_CASES = [
 ]
 
 
+@pytest.mark.parametrize("kernel", sorted(SELECTION_KERNELS))
 @pytest.mark.parametrize("n,hk,causal,n_sel", SELECT_CASES)
-def test_select_blocks(n, hk, causal, n_sel):
-    _check_selection(n, hk, causal, n_sel)
+def test_select_blocks(n, hk, causal, n_sel, kernel):
+    _check_selection(n, hk, causal, n_sel, kernel)
 
 
-@pytest.mark.parametrize("n,causal,n_sel", [(600, True, 4), (600, False, 4), (300, True, 8)])
-def test_select_blocks_over_several_key_tiles(monkeypatch, n, causal, n_sel):
+@pytest.mark.parametrize("n,causal,n_sel,longest_first", [(600, True, 4, 1), (600, True, 4, 0), (600, False, 4, 1),
+                                                         (300, True, 8, 1)])
+def test_select_blocks_over_several_key_tiles(monkeypatch, n, causal, n_sel, longest_first):
     """Key tiles of 16 compressed blocks, so the running top-n and log-sum-exp carry across several tiles per
-    query (the default 64-block tiles need N > 1024 for that, too slow for the interpreter)."""
+    query (the default 64-block tiles need N > 1024 for that, too slow for the interpreter); query tiles
+    launched in order and longest first."""
     monkeypatch.setattr(ltis_gpu, "SEL_BLOCK_K", 16)
+    monkeypatch.setattr(ltis_gpu, "SEL_LONGEST_FIRST", longest_first)
     jax.clear_caches()
     try:
-        _check_selection(n, 2, causal, n_sel)
+        _check_selection(n, 2, causal, n_sel, "tiles")
     finally:
         jax.clear_caches()
 
 
-def _check_selection(n, hk, causal, n_sel):
+@pytest.mark.parametrize("n,causal,chunk,block_q", [(600, True, 3, 16), (300, False, 5, 128), (130, True, 1, 64)])
+def test_select_rows_chunks_and_query_tiles(monkeypatch, n, causal, chunk, block_q):
+    """Row-wise kernel: unrolled steps that do not divide the visible block count (the steps past it load a
+    real block and mask it) and query tiles smaller / larger than N."""
+    monkeypatch.setattr(ltis_gpu, "SEL_ROWS_CHUNK", chunk)
+    monkeypatch.setattr(ltis_gpu, "SEL_ROWS_BLOCK_Q", block_q)
+    jax.clear_caches()
+    try:
+        _check_selection(n, 2, causal, 4, "rows")
+    finally:
+        jax.clear_caches()
+
+
+def _check_selection(n, hk, causal, n_sel, kernel):
     rng = np.random.default_rng(1000 + n * 7 + hk + 3 * causal + n_sel)
     bsz, d = 2, 16
     nc = n // BLOCK
@@ -244,7 +279,7 @@ def _check_selection(n, hk, causal, n_sel):
     ck_nan = np.where(bv[:, None, :, None], ck, np.nan).astype(np.float32)
 
     sel, kept = _select_kernel(jnp.asarray(qm), jnp.asarray(ck_nan), jnp.asarray(bv), causal=causal,
-                               n_sel=n_sel)
+                               n_sel=n_sel, kernel=kernel)
     sel_r, kept_r = _select_ref(jnp.asarray(qm), jnp.asarray(ck), jnp.asarray(bv), causal=causal,
                                 n_sel=n_sel)
     sel, kept, sel_r, kept_r = map(np.asarray, (sel, kept, sel_r, kept_r))
@@ -377,12 +412,14 @@ def test_dkv_is_deterministic():
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_inverse_selection_matches_a_stable_argsort(monkeypatch, packed):
+@pytest.mark.parametrize("sort", ["flat", "per_row", "pairs"])
+def test_inverse_selection_matches_a_stable_argsort(monkeypatch, sort):
     """The dK/dV kernel's inverse map: pair ids stably sorted by kept block (unkept slots and padded
-    queries last) and each block's segment start, against numpy; both the packed one-operand sort and
-    the (key, id) sort used when the packed key would overflow int32."""
-    if not packed:
+    queries last) and each block's segment start, against numpy; for the one 1-D sort of all rows' packed
+    keys, the per-row packed sort, and the (key, id) sort used when a packed key would overflow int32."""
+    if sort == "per_row":
+        monkeypatch.setattr(ltis_gpu, "DKV_FLAT_SORT_MIN_PAIRS", 2**31 - 1)
+    if sort == "pairs":
         monkeypatch.setattr(ltis_gpu, "_PACKED_SORT_MAX", 0)
     rng = np.random.default_rng(5)
     bsz, n, hk, n_sel = 2, 70, 2, 3
@@ -438,12 +475,16 @@ def test_cuda_export_lowering(dtype, causal):
         return jax.grad(lambda *a: jnp.sum(fwd(*a, valid, sel, kept).astype(jnp.float32)),
                         argnums=(0, 1, 2))(q, k, v)
 
-    def select(qm, ck, bv):
-        return ltis_gpu.select_blocks_gpu(qm, ck, bv, causal=causal, num_selected=n_sel, scale=0.25)
+    def select_with(kernel):
+        def select(qm, ck, bv):
+            with _selection_kernel(kernel):
+                return ltis_gpu.select_blocks_gpu(qm, ck, bv, causal=causal, num_selected=n_sel, scale=0.25)
+        return select
 
     sel_args = (sds((bsz, n, hk, d), jnp.float32), sds((bsz, hk, n // BLOCK, d), dtype),
                 sds((bsz, n // BLOCK), jnp.bool_))
-    for fn, args, n_calls in ((select, sel_args, 1), (fwd, attn_args, 1), (grad, attn_args, 3)):
+    for fn, args, n_calls in ((select_with("tiles"), sel_args, 1), (select_with("rows"), sel_args, 1),
+                              (fwd, attn_args, 1), (grad, attn_args, 3)):
         exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=disabled)(*args)
         text = exported.mlir_module()
         assert text.count(ltis_gpu.TRITON_CUSTOM_CALL_TARGET) == n_calls, fn.__name__
