@@ -15,6 +15,10 @@
 of ``pallas_kernels.ltis_gpu`` (selection, forward, forward + backward at every --lengths), after checking
 it at N = 1000 (bfloat16, causal and bidirectional) against the references; the defaults are timed first.
 
+``--select-only`` times the selection kernel alone (also in a sweep); ``--set module.NAME=int,...`` overrides
+``pallas_kernels`` constants for the whole run (``benchmarks/overrides.py``), e.g.
+``--set ltis_gpu.SEL_ROWS_MAX_BLOCKS=-1`` for the tile-wise selection kernel at every N.
+
 Usage (on a GPU machine):  python benchmarks/kernels_ltis.py [--check-only] [--iters 20] [--warmup 5]
 Writes JSON to $OUT/kernels_ltis.json when $OUT is set (and prints it).
 """
