@@ -181,6 +181,22 @@ def _query_tile_grid(n_tiles: int, bsz: int, hk: int, longest_first: bool):
     return (n_tiles, bsz, hk), lambda index_map: index_map
 
 
+def _visible_blocks(q0, *, bq, seq_len, nc, block_size, causal):
+    """Compressed blocks a query tile has to walk: in causal mode those before its last query's block."""
+    if not causal:
+        return jnp.int32(nc)
+    last_q = jnp.minimum(q0 + bq, seq_len) - 1
+    return jnp.minimum(jnp.int32(nc), _idiv(last_q, block_size))
+
+
+def _empty_selection(bq: int, n_sel: int):
+    """Initial (m, l, values, indices) of a tile's running log-sum-exp and top-n: the -1000 sink of the
+    softmax (l = 1) and n empty slots."""
+    return (jnp.full((bq,), -1000.0, jnp.float32), jnp.ones((bq,), jnp.float32),
+            tuple(jnp.full((bq,), -jnp.inf, jnp.float32) for _ in range(n_sel)),
+            tuple(jnp.zeros((bq,), jnp.int32) for _ in range(n_sel)))
+
+
 def _select_kernel(qm_ref, ck_ref, bv_ref, out_ref, *, seq_len, nc, n_sel, n_pad, block_size, causal,
                    scale, keep_threshold, bq, bk, score_precision, longest_first):
     # qm_ref [N, d] f32; ck_ref [Nc, d]; bv_ref [Nc] int32; out_ref [N, n_pad] int32
@@ -189,11 +205,7 @@ def _select_kernel(qm_ref, ck_ref, bv_ref, out_ref, *, seq_len, nc, n_sel, n_pad
     row_in = rows < seq_len
     qm = plgpu.load(qm_ref.at[pl.ds(q0, bq), :], mask=row_in[:, None], other=0.0).astype(jnp.float32)
 
-    if causal:
-        last_q = jnp.minimum(q0 + bq, seq_len) - 1
-        n_blocks = jnp.minimum(jnp.int32(nc), _idiv(last_q, block_size))
-    else:
-        n_blocks = jnp.int32(nc)
+    n_blocks = _visible_blocks(q0, bq=bq, seq_len=seq_len, nc=nc, block_size=block_size, causal=causal)
     n_tiles = _idiv(n_blocks + (bk - 1), bk)
 
     neg_inf = jnp.float32(-jnp.inf)
@@ -249,11 +261,7 @@ def _select_kernel(qm_ref, ck_ref, bv_ref, out_ref, *, seq_len, nc, n_sel, n_pad
         _, vals, idxs = lax.while_loop(more, insert, (cand, vals, idxs))
         return m, l, vals, idxs
 
-    m0 = jnp.full((bq,), -1000.0, jnp.float32)
-    l0 = jnp.ones((bq,), jnp.float32)
-    vals0 = tuple(jnp.full((bq,), -jnp.inf, jnp.float32) for _ in range(n_sel))
-    idxs0 = tuple(jnp.zeros((bq,), jnp.int32) for _ in range(n_sel))
-    m, l, vals, idxs = lax.fori_loop(0, n_tiles, tile_body, (m0, l0, vals0, idxs0))
+    m, l, vals, idxs = lax.fori_loop(0, n_tiles, tile_body, _empty_selection(bq, n_sel))
     _store_selection(out_ref, q0, row_in, m, l, vals, idxs, n_sel=n_sel, n_pad=n_pad, bq=bq,
                      keep_threshold=keep_threshold)
 
@@ -269,15 +277,11 @@ def _select_rows_kernel(qmt_ref, ck_ref, bv_ref, out_ref, *, seq_len, nc, d, n_s
     qm_features = [plgpu.load(qmt_ref.at[jnp.int32(j), pl.ds(q0, bq)], mask=row_in, other=0.0)
                    for j in range(d)]
 
-    if causal:
-        last_q = jnp.minimum(q0 + bq, seq_len) - 1
-        n_blocks = jnp.minimum(jnp.int32(nc), _idiv(last_q, block_size))
-        # blocks before the tile's first query's block are visible to every query of the tile: their chunks
-        # skip the per-query causal test
-        n_shared_chunks = _idiv(jnp.minimum(n_blocks, _idiv(q0, block_size)), chunk)
-    else:
-        n_blocks = jnp.int32(nc)
-        n_shared_chunks = _idiv(n_blocks, chunk)
+    n_blocks = _visible_blocks(q0, bq=bq, seq_len=seq_len, nc=nc, block_size=block_size, causal=causal)
+    # blocks before the tile's first query's block are visible to every query of the tile: their chunks skip
+    # the per-query causal test
+    n_shared_blocks = jnp.minimum(n_blocks, _idiv(q0, block_size)) if causal else n_blocks
+    n_shared_chunks = _idiv(n_shared_blocks, chunk)
     neg_inf = jnp.float32(-jnp.inf)
 
     def block_score(w, per_query_causal):
@@ -317,12 +321,8 @@ def _select_rows_kernel(qmt_ref, ck_ref, bv_ref, out_ref, *, seq_len, nc, d, n_s
             return m_new, l, vals, idxs
         return body
 
-    m0 = jnp.full((bq,), -1000.0, jnp.float32)  # the -1000 sink of the softmax, with l = 1
-    l0 = jnp.ones((bq,), jnp.float32)
-    vals0 = tuple(jnp.full((bq,), -jnp.inf, jnp.float32) for _ in range(n_sel))
-    idxs0 = tuple(jnp.zeros((bq,), jnp.int32) for _ in range(n_sel))
     n_chunks = _idiv(n_blocks + (chunk - 1), chunk)
-    carry = lax.fori_loop(0, n_shared_chunks, chunk_body(False), (m0, l0, vals0, idxs0))
+    carry = lax.fori_loop(0, n_shared_chunks, chunk_body(False), _empty_selection(bq, n_sel))
     m, l, vals, idxs = lax.fori_loop(n_shared_chunks, n_chunks, chunk_body(causal), carry)
     _store_selection(out_ref, q0, row_in, m, l, vals, idxs, n_sel=n_sel, n_pad=n_pad, bq=bq,
                      keep_threshold=keep_threshold)
