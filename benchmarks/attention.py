@@ -4,8 +4,9 @@ Layer = projections + RoPE + attention + gate + output projection, bf16, D = 128
 TOKENS tokens per batch (B = TOKENS / N). Before any timing, every implementation is checked against the
 dense-mask reference (or the xla path where the reference is too large) on fresh random inputs, outputs and
 gradients. Timings: medians of --iters calls after --warmup calls, each call on a fresh input from a small
-rotating pool, synchronised with block_until_ready. Peak memory: XLA's compiled memory analysis
-(arguments + outputs + temporaries) of the jitted function. ``--profile`` also traces a few forward+backward
+rotating pool, synchronised with block_until_ready (per-call latency); with --pipelined also the throughput
+per call of --iters calls dispatched back to back (median of 5 rounds), which is what a training loop sees.
+Peak memory: XLA's compiled memory analysis (arguments + outputs + temporaries) of the jitted function. ``--profile`` also traces a few forward+backward
 calls per row and splits their device time by kernel (each Pallas kernel by name, cuDNN, XLA's sort, the
 other XLA ops of the forward and of the backward), with XLA's command buffers off (for the whole process).
 
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blossom_jax import AttentionConfig, blossom_attention
+from blossom_jax import AttentionConfig
 from blossom_jax.models import BlossomAttention
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -153,6 +154,25 @@ def time_fn(fn, arg_sets, warmup, iters):
     return statistics.median(samples), min(samples)
 
 
+def time_pipelined(fn, arg_sets, iters, rounds=5):
+    """Throughput per call: the median over ``rounds`` of (time of ``iters`` calls dispatched back to back with
+    one ``block_until_ready`` at the end, as a training loop runs them) / ``iters``."""
+    jax.block_until_ready(fn(*arg_sets[0]))
+    per_call = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        outs = [fn(*arg_sets[i % len(arg_sets)]) for i in range(iters)]
+        jax.block_until_ready(outs)
+        per_call.append((time.perf_counter() - start) * 1e3 / iters)
+        del outs
+    return statistics.median(per_call)
+
+
+#: ``--command-buffers``: XLA compiler options per mode. "off" compiles without XLA's GPU command buffers (CUDA
+#: graphs), which the default XLA flags use for runs of fusions and library calls.
+COMMAND_BUFFER_MODES = {"default": None, "off": {"xla_gpu_enable_command_buffer": ""}}
+
+
 def peak_bytes(compiled):
     analysis = compiled.memory_analysis()
     if analysis is None:
@@ -185,7 +205,11 @@ def profile_layer(compiled, arg_sets, calls=5, top=30) -> dict:
                            for (op, stack), ns in by_op.most_common(top)]}
 
 
-def bench(impls, seq_lens, tokens, warmup, iters, seed, out_path=None, profile=False):
+def bench(impls, seq_lens, tokens, warmup, iters, seed, out_path=None, profile=False,
+          command_buffers=("default",), pipelined=False):
+    """Times every impl at every length. ``command_buffers``: modes of COMMAND_BUFFER_MODES, each compiled and
+    timed in turn (keys of modes other than "default" carry the suffix ``_cb_<mode>``); ``pipelined``: also
+    the back-to-back throughput per call (``*_pipelined_ms``)."""
     rows = []
     for seq_len in seq_lens:
         batch = max(1, tokens // seq_len)
@@ -197,14 +221,20 @@ def bench(impls, seq_lens, tokens, warmup, iters, seed, out_path=None, profile=F
             f, g = fwd_and_grad(layer)
             row = dict(impl=name, N=seq_len, B=batch, tokens=batch * seq_len)
             try:
-                f_compiled = f.lower(params, *pool[0][:2]).compile()
-                g_compiled = g.lower(params, *pool[0]).compile()
-                row["fwd_peak_mb"] = peak_bytes(f_compiled) / 2**20
-                row["fwdbwd_peak_mb"] = peak_bytes(g_compiled) / 2**20
-                row["fwd_ms"], row["fwd_min_ms"] = time_fn(
-                    f_compiled, [(params, x, v) for x, v, _ in pool], warmup, iters)
-                row["fwdbwd_ms"], row["fwdbwd_min_ms"] = time_fn(
-                    g_compiled, [(params, x, v, c) for x, v, c in pool], warmup, iters)
+                for mode in command_buffers:
+                    suffix = "" if mode == "default" else f"_cb_{mode}"
+                    options = COMMAND_BUFFER_MODES[mode]
+                    f_compiled = f.lower(params, *pool[0][:2]).compile(options)
+                    g_compiled = g.lower(params, *pool[0]).compile(options)
+                    fwd_args = [(params, x, v) for x, v, _ in pool]
+                    fwdbwd_args = [(params, x, v, c) for x, v, c in pool]
+                    row["fwd_peak_mb"] = peak_bytes(f_compiled) / 2**20
+                    row["fwdbwd_peak_mb"] = peak_bytes(g_compiled) / 2**20
+                    row[f"fwd_ms{suffix}"], row[f"fwd_min_ms{suffix}"] = time_fn(f_compiled, fwd_args, warmup, iters)
+                    row[f"fwdbwd_ms{suffix}"], row[f"fwdbwd_min_ms{suffix}"] = time_fn(
+                        g_compiled, fwdbwd_args, warmup, iters)
+                    if pipelined:
+                        row[f"fwdbwd_pipelined_ms{suffix}"] = time_pipelined(g_compiled, fwdbwd_args, iters)
                 if profile:
                     row["fwdbwd_profile"] = profile_layer(g_compiled, [(params, x, v, c) for x, v, c in pool])
             except Exception as error:  # noqa: BLE001 - record OOMs / unsupported configs and go on
@@ -234,6 +264,11 @@ def main(argv=None):
                              "command buffers off for this process, timings included)")
     parser.add_argument("--set", default=None, metavar="module.NAME=int,...",
                         help="override pallas_kernels tile / launch constants for this run (benchmarks/overrides.py)")
+    parser.add_argument("--command-buffers", nargs="+", default=["default"], choices=sorted(COMMAND_BUFFER_MODES),
+                        help="compile and time each layer with XLA's GPU command buffers as by default and / or off "
+                             "(one process; keys of the off mode end in _cb_off)")
+    parser.add_argument("--pipelined", action="store_true",
+                        help="also time forward+backward calls dispatched back to back (throughput per call)")
     parser.add_argument("--out", default=None, help="JSON results file")
     args = parser.parse_args(argv)
     kernel_overrides = overrides.apply(args.set)
@@ -248,7 +283,8 @@ def main(argv=None):
     if not all(row["ok"] for row in checks):
         print("CORRECTNESS CHECK FAILED: timings below are for information only", flush=True)
     timings = bench(args.impls, args.lengths, args.tokens, args.warmup, args.iters, args.seed,
-                    args.out + ".rows.jsonl" if args.out else None, args.profile)
+                    args.out + ".rows.jsonl" if args.out else None, args.profile, args.command_buffers,
+                    args.pipelined)
     result = dict(meta=meta, checks=checks, timings=timings)
     if args.out:
         with open(args.out, "w") as handle:
@@ -258,6 +294,12 @@ def main(argv=None):
         print(f"{row['impl']:<18}{row['N']:>7}{row['B']:>6}{row.get('fwd_ms', float('nan')):>9.3f}"
               f"{row.get('fwdbwd_ms', float('nan')):>9.3f}{row.get('fwdbwd_peak_mb', float('nan')):>9.0f}"
               f"  {row.get('error', '')[:60]}")
+    extra = [key for key in ("fwdbwd_ms_cb_off", "fwdbwd_pipelined_ms", "fwdbwd_pipelined_ms_cb_off")
+             if any(key in row for row in timings)]
+    if extra:
+        print(f"\n{'impl':<18}{'N':>7}" + "".join(f"{key:>28}" for key in extra))
+        for row in timings:
+            print(f"{row['impl']:<18}{row['N']:>7}" + "".join(f"{row.get(key, float('nan')):>28.3f}" for key in extra))
     for row in timings:
         if "fwdbwd_profile" in row:
             parts = ", ".join(f"{k} {v:.3f}" for k, v in row["fwdbwd_profile"]["by_kernel_ms"].items())

@@ -17,7 +17,7 @@ it at N = 1000 (bfloat16, causal and bidirectional) against the references; the 
 
 ``--select-only`` times the selection kernel alone (also in a sweep); ``--set module.NAME=int,...`` overrides
 ``pallas_kernels`` constants for the whole run (``benchmarks/overrides.py``), e.g.
-``--set ltis_gpu.SEL_ROWS_MAX_BLOCKS=-1`` for the tile-wise selection kernel at every N.
+``--set ltis_gpu.SEL_BLOCK_Q=64,ltis_gpu.SEL_NUM_WARPS=2`` for another selection tile.
 
 Usage (on a GPU machine):  python benchmarks/kernels_ltis.py [--check-only] [--iters 20] [--warmup 5]
 Writes JSON to $OUT/kernels_ltis.json when $OUT is set (and prints it).
@@ -243,7 +243,7 @@ def main():
     ap.add_argument("--select-only", action="store_true", help="time the selection kernel only")
     ap.add_argument("--set", default=None, metavar="module.NAME=int,...",
                     help="override pallas_kernels constants for the whole run (benchmarks/overrides.py), e.g. "
-                         "ltis_gpu.SEL_ROWS_MAX_BLOCKS=-1 (tile-wise selection at every N)")
+                         "ltis_gpu.SEL_BLOCK_Q=64,ltis_gpu.SEL_NUM_WARPS=2")
     args = ap.parse_args()
     kernel_overrides = overrides.apply(args.set)
     INTERPRET = args.interpret
@@ -254,9 +254,7 @@ def main():
     result = dict(
         device=str(jax.devices()[0]), device_kind=jax.devices()[0].device_kind, jax=jax.__version__,
         shape=dict(tokens=TOKENS, H=H, Hk=HK, d=D, block=BLOCK, n_sel=N_SEL, dtype="bfloat16", causal=causal),
-        tiles=dict(SEL_BLOCK_Q=ltis_gpu.SEL_BLOCK_Q, SEL_BLOCK_K=ltis_gpu.SEL_BLOCK_K,
-                   SEL_ROWS_MAX_BLOCKS=ltis_gpu.SEL_ROWS_MAX_BLOCKS, SEL_ROWS_BLOCK_Q=ltis_gpu.SEL_ROWS_BLOCK_Q,
-                   SEL_ROWS_NUM_WARPS=ltis_gpu.SEL_ROWS_NUM_WARPS, SEL_LONGEST_FIRST=ltis_gpu.SEL_LONGEST_FIRST,
+        tiles=dict(SEL_BLOCK_Q=ltis_gpu.SEL_BLOCK_Q, SEL_CHUNK=ltis_gpu.SEL_CHUNK,
                    ATTN_ROWS=ltis_gpu.ATTN_ROWS, ATTN_MAX_KEYS=ltis_gpu.ATTN_MAX_KEYS,
                    DKV_ROWS=ltis_gpu.DKV_ROWS, warps=[ltis_gpu.SEL_NUM_WARPS, ltis_gpu.ATTN_NUM_WARPS,
                                                       ltis_gpu.DKV_NUM_WARPS], stages=ltis_gpu.NUM_STAGES),

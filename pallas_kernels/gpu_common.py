@@ -61,10 +61,11 @@ def selection_score_precision(interpret: bool):
     with the float32 reference's choice.
 
     Compiled for a GPU: TF32x3 (``lax.DotAlgorithmPreset.TF32_TF32_F32_X3``, three TF32 tensor-core passes,
-    float32-level accuracy): measured on an H200 (benchmarks/results/gpu_call15_2026-11-27) 1.7-1.9x faster than
-    Triton's IEEE dot (which runs on the FMA units) for the whole selection kernel at N = 4k-64k, with the
-    same kept sets as IEEE on every (query, kv head) of N = 1k-64k random inputs. One TF32 pass (the GPU
-    default) is faster still but changes ~0.05 % of the kept sets, so it is not used.
+    float32-level accuracy): measured 1.7-1.9x faster than Triton's IEEE dot (which runs on the FMA units) for
+    the earlier tile selection kernel at N = 4k-64k (H200, benchmarks/results/gpu_call15_2026-11-27), and 0.58
+    against 0.84 ms at N = 32k for the current one (H100, gpu_call33_2026-11-27), with the same kept sets as
+    IEEE on every (query, kv head) of N = 1k-64k random inputs. One TF32 pass (the GPU default) is faster
+    still but changes ~0.05 % of the kept sets, so it is not used.
     IEEE under ``jax_default_matmul_precision("highest")`` (see ``float32_products_exact``) and in the
     interpreter (the CPU has no TF32 algorithms)."""
     if interpret or float32_products_exact():

@@ -4,25 +4,18 @@ Two entry points, each beside its pure-jnp reference in :mod:`pallas_kernels.lti
 
 * :func:`select_blocks_gpu` - fused compressed scoring + top-n block selection (SPEC 3.3-3.4, 3.8), no
   gradient. Nothing of size ``[N, Nc]`` leaves the kernel, and in causal mode each program stops at the last
-  block visible to its last query (the triangle is skipped). Pallas-Triton has no sort / top_k, so the running
-  top-n is kept as n per-query (value, index) columns, sorted descending. Two kernels, chosen by Nc
-  (``SEL_ROWS_MAX_BLOCKS``, measured):
-
-  - row-wise (``_select_rows_kernel``, Nc <= 1023): one program per (batch, kv head, ``SEL_ROWS_BLOCK_Q``
-    queries) holds the mean query as d vectors of one entry per query and walks the compressed blocks one at
-    a time: the score is d float32 FMAs (IEEE products), then a branch-free sorted insertion and, per
-    unrolled step of ``SEL_ROWS_CHUNK`` blocks, an online log-sum-exp update. No value is reduced across
-    threads. Blocks before the tile's first query's own block skip the per-query causal test.
-  - tile-wise (``_select_kernel``, longer N): one program per (batch, kv head, tile of ``SEL_BLOCK_Q``
-    queries) streams the compressed keys in tiles of ``SEL_BLOCK_K`` blocks: a ``[BQ, d] x [d, BK]`` matmul
-    (TF32x3 products on the GPU, ``gpu_common.selection_score_precision``), the visibility mask, a running
-    max / sum for the log-sum-exp, and an insertion of each tile's candidates with at most n max-and-mask
-    rounds (a ``while`` loop that runs only while some query of the tile still has a score above its current
-    n-th best; always running n rounds measured slower at N >= 4k, and splitting the key range over more
-    programs (merged in XLA) slower at every N: benchmarks/NOTES.md). Causal grids launch the tiles with the
-    most visible blocks first (``SEL_LONGEST_FIRST``).
-
-  Both break ties towards the lower block index (same as ``lax.top_k``). Selection is by score, which orders
+  block visible to its last query (the triangle is skipped). One program per (batch, kv head, ``SEL_BLOCK_Q``
+  queries) scores ``SEL_CHUNK`` compressed blocks at a time as one ``[BQ, d] x [d, chunk]`` matmul (TF32x3
+  products on the GPU, ``gpu_common.selection_score_precision``), masks the invisible ones, updates a running
+  max / sum for the log-sum-exp, and splits the score tile into one ``[BQ]`` column per block. Pallas-Triton
+  has no sort / top_k, so the running top-n is kept as n per-query (value, index) vectors, sorted descending,
+  and each column goes in by a branch-free sorted insertion of ``[BQ]`` vectors (one entry per query): no
+  max-and-mask rounds over the tile and no data-dependent loop. Chunks before the tile's first query's own
+  block skip the per-query causal test. It replaced two kernels: a tile kernel that inserted each tile's
+  candidates by max-and-mask rounds, and a row kernel that summed each score by 16 FMAs over 16 scalar key
+  loads per block; in the layer at N = 32k the selection takes 0.33 instead of 0.62 ms of device time
+  (benchmarks/NOTES.md, round 7).
+  Ties go to the lower block index (same as ``lax.top_k``). Selection is by score, which orders
   blocks exactly as p does (p is a monotone function of the score); ``kept = p > keep_threshold`` uses the
   final log-sum-exp of ``[-1000, visible scores]``. Slots that hold no visible block (n larger than the
   number of visible blocks, or n > Nc) get index 0, kept False.
@@ -108,26 +101,15 @@ __all__ = ["select_blocks_gpu", "ltis_attention_gpu", "TRITON_CUSTOM_CALL_TARGET
 # Tile sizes. Every array a Triton kernel touches must have a power-of-two number of elements and every
 # matmul operand dimension must be >= 16; the wrappers round up and mask.
 # --------------------------------------------------------------------------------------------------------
-# Selection: queries per program (rows of the [BQ, d] x [d, BK] scoring matmul) ...
-SEL_BLOCK_Q = 64
-# ... and compressed blocks per streamed tile. The running top-n costs up to n max-and-mask rounds over a
-# [BQ, BK] tile, so tiles much larger than this spend registers without saving rounds.
-SEL_BLOCK_K = 64
+# Selection: queries per program (rows of the [BQ, d] x [d, SEL_CHUNK] scoring matmul), warps, and compressed
+# blocks scored per matmul. Measured (H100, 65,536 tokens, selection alone, benchmarks/results/
+# gpu_call33..35_2026-11-27): 128 queries x 4 warps x 32 blocks 0.53 / 0.54 ms at N = 32k and 0.88 / 0.86 at 64k;
+# 32 x 1 x 16 0.58 / 1.00; 64 x 2 x 32 0.60 / 0.99; 256 x 8 x 32 0.59 / 1.06; 64-block chunks 0.61 / 0.92. The
+# query tiles run in launch order: longest first helped 32 x 1 x 32 (0.68 -> 0.53 at 32k) but not 128 x 4 x 16
+# (0.55 -> 0.60); benchmarks/NOTES.md, round 7.
+SEL_BLOCK_Q = 128
 SEL_NUM_WARPS = 4
-# Row-wise selection (``_select_rows_kernel``), used up to this many compressed blocks (Nc = N / b): one [BQ]
-# vector per query row, the scores summed by FMAs block by block, a branch-free sorted insertion per score (no
-# max-and-mask rounds, no cross-thread reductions). Measured (H100, 65,536 tokens, selection alone,
-# benchmarks/results/gpu_call29_2026-11-27): 0.14 / 0.20 / 0.81 / 1.29 ms at N = 1k / 4k / 32k / 64k against
-# 0.16 / 0.27 / 0.92 / 1.41 for the tile kernel and 0.20 / 0.24 / 0.79 / 1.18 for the tile kernel launched
-# longest-first; 32 queries and one warp per program measured best of 32-256 queries and 1-4 warps
-# (gpu_call28). Two interleaved running lists per row did not help.
-SEL_ROWS_MAX_BLOCKS = 1023
-SEL_ROWS_BLOCK_Q = 32
-SEL_ROWS_NUM_WARPS = 1
-SEL_ROWS_CHUNK = 8  # compressed blocks per unrolled loop step
-# Causal tile-kernel selection: launch the query tiles with the most visible blocks first (grid (B, Hk, tiles),
-# tiles in reverse), so the longest programs do not start last: 0.92 -> 0.79 ms at N = 32k (gpu_call29).
-SEL_LONGEST_FIRST = 1
+SEL_CHUNK = 32
 # Fine attention (forward and dQ): packed rows (queries x G heads) per program. 16 is the tensor-core
 # minimum; with G = 4 it is 4 queries (4x block-diagonal waste in the selected-key tile). Larger values
 # share the own-block load over more queries but waste more exponentials on the block-diagonal mask.
@@ -165,22 +147,6 @@ _LOG2E = gpu_common.LOG2E
 # ========================================================================================================
 # (A) Selection
 # ========================================================================================================
-def _query_tile(longest_first: bool):
-    """Index of this program's query tile in a ``_query_tile_grid`` grid."""
-    if longest_first:
-        return pl.num_programs(2) - 1 - pl.program_id(2)
-    return pl.program_id(0)
-
-
-def _query_tile_grid(n_tiles: int, bsz: int, hk: int, longest_first: bool):
-    """(grid, wrap) for programs over (query tile, batch, kv head): tile fastest, or, longest first, batch
-    and kv head fastest with the tiles in reverse. ``wrap`` turns an index map of (t, b, h) into one of the
-    grid's order."""
-    if longest_first:
-        return (bsz, hk, n_tiles), lambda index_map: (lambda b, h, t: index_map(t, b, h))
-    return (n_tiles, bsz, hk), lambda index_map: index_map
-
-
 def _visible_blocks(q0, *, bq, seq_len, nc, block_size, causal):
     """Compressed blocks a query tile has to walk: in causal mode those before its last query's block."""
     if not causal:
@@ -189,140 +155,59 @@ def _visible_blocks(q0, *, bq, seq_len, nc, block_size, causal):
     return jnp.minimum(jnp.int32(nc), _idiv(last_q, block_size))
 
 
-def _empty_selection(bq: int, n_sel: int):
-    """Initial (m, l, values, indices) of a tile's running log-sum-exp and top-n: the -1000 sink of the
-    softmax (l = 1) and n empty slots."""
-    return (jnp.full((bq,), -1000.0, jnp.float32), jnp.ones((bq,), jnp.float32),
-            tuple(jnp.full((bq,), -jnp.inf, jnp.float32) for _ in range(n_sel)),
-            tuple(jnp.zeros((bq,), jnp.int32) for _ in range(n_sel)))
+def _insert_sorted(vals, idxs, s, w):
+    """Sorted (descending) insertion of the [bq] scores s of block w into the running top-n (vals, idxs), without
+    branches. Blocks arrive in increasing order, so strict > keeps the lower index on ties."""
+    above = [s > v for v in vals]
+    new_vals, new_idxs = [jnp.where(above[0], s, vals[0])], [jnp.where(above[0], w, idxs[0])]
+    for j in range(1, len(vals)):
+        new_vals.append(jnp.where(above[j - 1], vals[j - 1], jnp.where(above[j], s, vals[j])))
+        new_idxs.append(jnp.where(above[j - 1], idxs[j - 1], jnp.where(above[j], w, idxs[j])))
+    return tuple(new_vals), tuple(new_idxs)
 
 
-def _select_kernel(qm_ref, ck_ref, bv_ref, out_ref, *, seq_len, nc, n_sel, n_pad, block_size, causal,
-                   scale, keep_threshold, bq, bk, score_precision, longest_first):
-    # qm_ref [N, d] f32; ck_ref [Nc, d]; bv_ref [Nc] int32; out_ref [N, n_pad] int32
-    q0 = _query_tile(longest_first) * bq
-    rows = q0 + jnp.arange(bq, dtype=jnp.int32)
-    row_in = rows < seq_len
-    qm = plgpu.load(qm_ref.at[pl.ds(q0, bq), :], mask=row_in[:, None], other=0.0).astype(jnp.float32)
-
-    n_blocks = _visible_blocks(q0, bq=bq, seq_len=seq_len, nc=nc, block_size=block_size, causal=causal)
-    n_tiles = _idiv(n_blocks + (bk - 1), bk)
-
-    neg_inf = jnp.float32(-jnp.inf)
-    big = jnp.int32(2**30)
-
-    def tile_body(it, carry):
-        m, l, vals, idxs = carry
-        k0 = it * bk
-        cols = k0 + jnp.arange(bk, dtype=jnp.int32)
-        col_in = cols < nc
-        ck = plgpu.load(ck_ref.at[pl.ds(k0, bk), :], mask=col_in[:, None], other=0.0).astype(jnp.float32)
-        bv = plgpu.load(bv_ref.at[pl.ds(k0, bk)], mask=col_in, other=0)
-        s = _dot(qm, ck, trans_b=True, precision=score_precision) * scale  # [bq, bk] f32: decides the top-n
-        vis = (col_in & (bv != 0))[None, :]
-        if causal:
-            vis = vis & ((cols * block_size + (block_size - 1))[None, :] < rows[:, None])
-        s = jnp.where(vis, s, neg_inf)
-        # running log-sum-exp (m starts at the -1000 sink with l = 1)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(s - m_new[:, None]), axis=1)
-        m = m_new
-
-        # running top-n: insert this tile's candidates (score strictly above the current n-th best; the
-        # running entries have lower block indices, so on equal scores they win).
-        cand = s > vals[n_sel - 1][:, None]
-
-        def more(c):
-            cand_c = c[0]
-            return jnp.max(cand_c.astype(jnp.int32)) > 0
-
-        def insert(c):
-            cand_c, vals_c, idxs_c = c
-            cm = jnp.where(cand_c, s, neg_inf)
-            mx = jnp.max(cm, axis=1)  # [bq]
-            has = jnp.max(cand_c.astype(jnp.int32), axis=1) > 0
-            ci = jnp.min(jnp.where(cand_c & (cm == mx[:, None]), cols[None, :], big), axis=1)
-            new_vals, new_idxs = [], []
-            prev_gt = None
-            for j in range(n_sel):
-                gt = has & (mx > vals_c[j])
-                if j == 0:
-                    nv = jnp.where(gt, mx, vals_c[0])
-                    ni = jnp.where(gt, ci, idxs_c[0])
-                else:
-                    nv = jnp.where(gt, jnp.where(prev_gt, vals_c[j - 1], mx), vals_c[j])
-                    ni = jnp.where(gt, jnp.where(prev_gt, idxs_c[j - 1], ci), idxs_c[j])
-                new_vals.append(nv)
-                new_idxs.append(ni)
-                prev_gt = gt
-            cand_c = cand_c & (cols[None, :] != ci[:, None]) & (s > new_vals[n_sel - 1][:, None])
-            return cand_c, tuple(new_vals), tuple(new_idxs)
-
-        _, vals, idxs = lax.while_loop(more, insert, (cand, vals, idxs))
-        return m, l, vals, idxs
-
-    m, l, vals, idxs = lax.fori_loop(0, n_tiles, tile_body, _empty_selection(bq, n_sel))
-    _store_selection(out_ref, q0, row_in, m, l, vals, idxs, n_sel=n_sel, n_pad=n_pad, bq=bq,
-                     keep_threshold=keep_threshold)
-
-
-def _select_rows_kernel(qmt_ref, ck_ref, bv_ref, out_ref, *, seq_len, nc, d, n_sel, n_pad, block_size, causal,
-                        scale, keep_threshold, bq, chunk):
-    # qmt_ref [d, N] f32 (mean query, transposed: one contiguous row per feature); ck_ref [Nc, d] f32;
-    # bv_ref [Nc] int32; out_ref [N, n_pad] int32. Every value below is a [bq] vector (one entry per query)
-    # or a scalar of the current compressed block w, so nothing is reduced across threads.
+def _select_kernel(qm_ref, ck_ref, bv_ref, out_ref, *, seq_len, nc, n_sel, n_pad, block_size, causal, scale,
+                   keep_threshold, bq, chunk, score_precision):
+    # qm_ref [N, dp] f32; ck_ref [Nc, dp] f32; bv_ref [Nc] int32; out_ref [N, n_pad] int32.
     q0 = pl.program_id(0) * bq
     rows = q0 + jnp.arange(bq, dtype=jnp.int32)
     row_in = rows < seq_len
-    qm_features = [plgpu.load(qmt_ref.at[jnp.int32(j), pl.ds(q0, bq)], mask=row_in, other=0.0)
-                   for j in range(d)]
+    qm = plgpu.load(qm_ref.at[pl.ds(q0, bq), :], mask=row_in[:, None], other=0.0)
 
     n_blocks = _visible_blocks(q0, bq=bq, seq_len=seq_len, nc=nc, block_size=block_size, causal=causal)
     # blocks before the tile's first query's block are visible to every query of the tile: their chunks skip
     # the per-query causal test
     n_shared_blocks = jnp.minimum(n_blocks, _idiv(q0, block_size)) if causal else n_blocks
-    n_shared_chunks = _idiv(n_shared_blocks, chunk)
     neg_inf = jnp.float32(-jnp.inf)
-
-    def block_score(w, per_query_causal):
-        """Masked scaled scores [bq] of compressed block w (-inf where invisible)."""
-        w_load = jnp.minimum(w, nc - 1)  # steps past n_blocks load a real block and mask it
-        s = qm_features[0] * ck_ref[w_load, 0]
-        for j in range(1, d):
-            s = s + qm_features[j] * ck_ref[w_load, j]
-        vis = (w < n_blocks) & (bv_ref[w_load] != 0)
-        if per_query_causal:
-            vis = vis & (w * block_size + (block_size - 1) < rows)
-        else:
-            vis = jnp.broadcast_to(vis, (bq,))
-        return jnp.where(vis, s * scale, neg_inf)
-
-    def insert(vals, idxs, s, w):
-        """Sorted (descending) insertion of score s of block w. Blocks arrive in increasing order, so strict >
-        keeps the lower index on ties."""
-        above = [s > v for v in vals]
-        new_vals, new_idxs = [jnp.where(above[0], s, vals[0])], [jnp.where(above[0], w, idxs[0])]
-        for j in range(1, n_sel):
-            new_vals.append(jnp.where(above[j - 1], vals[j - 1], jnp.where(above[j], s, vals[j])))
-            new_idxs.append(jnp.where(above[j - 1], idxs[j - 1], jnp.where(above[j], w, idxs[j])))
-        return tuple(new_vals), tuple(new_idxs)
 
     def chunk_body(per_query_causal):
         def body(c, carry):
             m, l, vals, idxs = carry
-            scores = []
-            for u in range(chunk):
-                w = c * chunk + u
-                s = block_score(w, per_query_causal)
-                vals, idxs = insert(vals, idxs, s, w)
-                scores.append(s)
-            m_new = functools.reduce(jnp.maximum, scores, m)
-            l = l * jnp.exp(m - m_new) + functools.reduce(lax.add, [jnp.exp(s - m_new) for s in scores])
+            w0 = c * chunk
+            cols = w0 + jnp.arange(chunk, dtype=jnp.int32)
+            col_in = cols < n_blocks
+            ck = plgpu.load(ck_ref.at[pl.ds(w0, chunk), :], mask=col_in[:, None], other=0.0)
+            bv = plgpu.load(bv_ref.at[pl.ds(w0, chunk)], mask=col_in, other=0)
+            s = _dot(qm, ck, trans_b=True, precision=score_precision) * scale  # [bq, chunk]
+            vis = (col_in & (bv != 0))[None, :]
+            if per_query_causal:
+                vis = vis & ((cols * block_size + (block_size - 1))[None, :] < rows[:, None])
+            s = jnp.where(vis, s, neg_inf)
+            # running log-sum-exp (m starts at the -1000 sink with l = 1)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(s - m_new[:, None]), axis=1)
+            # the chunk's columns, one [bq] vector per block, into the running top-n
+            for u, s_u in enumerate(jnp.split(s, chunk, axis=1)):
+                vals, idxs = _insert_sorted(vals, idxs, jnp.squeeze(s_u, 1), w0 + u)
             return m_new, l, vals, idxs
         return body
 
+    n_shared_chunks = _idiv(n_shared_blocks, chunk)
     n_chunks = _idiv(n_blocks + (chunk - 1), chunk)
-    carry = lax.fori_loop(0, n_shared_chunks, chunk_body(False), _empty_selection(bq, n_sel))
+    empty = (jnp.full((bq,), -1000.0, jnp.float32), jnp.ones((bq,), jnp.float32),
+             tuple(jnp.full((bq,), -jnp.inf, jnp.float32) for _ in range(n_sel)),
+             tuple(jnp.zeros((bq,), jnp.int32) for _ in range(n_sel)))
+    carry = lax.fori_loop(0, n_shared_chunks, chunk_body(False), empty)
     m, l, vals, idxs = lax.fori_loop(n_shared_chunks, n_chunks, chunk_body(causal), carry)
     _store_selection(out_ref, q0, row_in, m, l, vals, idxs, n_sel=n_sel, n_pad=n_pad, bq=bq,
                      keep_threshold=keep_threshold)
@@ -380,78 +265,41 @@ def select_blocks_gpu(
     q_mean = lax.stop_gradient(q_mean)
     compressed_keys = lax.stop_gradient(compressed_keys)
     n_pad = _next_pow2(n_sel)
-    if nc <= SEL_ROWS_MAX_BLOCKS:
-        enc = _select_rows_call(q_mean, compressed_keys, block_valid, n_sel=n_sel, n_pad=n_pad,
-                                block_size=int(block_size), causal=bool(causal), scale=float(scale),
-                                keep_threshold=float(keep_threshold), interpret=interpret)
-    else:
-        enc = _select_tiles_call(q_mean, compressed_keys, block_valid, n_sel=n_sel, n_pad=n_pad,
-                                 block_size=int(block_size), causal=bool(causal), scale=float(scale),
-                                 keep_threshold=float(keep_threshold), interpret=interpret)
+    enc = _select_call(q_mean, compressed_keys, block_valid, n_sel=n_sel, n_pad=n_pad, block_size=int(block_size),
+                       causal=bool(causal), scale=float(scale), keep_threshold=float(keep_threshold),
+                       interpret=interpret)
     enc = enc[..., :n_sel]
     kept = enc >= 0
     selected = jnp.where(kept, enc, -1 - enc)
     return selected, kept
 
 
-def _select_rows_call(q_mean, compressed_keys, block_valid, *, n_sel, n_pad, block_size, causal, scale,
-                      keep_threshold, interpret):
-    """Row-wise selection kernel: encoded selection [B, N, Hk, n_pad] int32."""
+def _select_call(q_mean, compressed_keys, block_valid, *, n_sel, n_pad, block_size, causal, scale, keep_threshold,
+                 interpret):
+    """Encoded selection [B, N, Hk, n_pad] int32 (index if kept, -1 - index if not)."""
     bsz, n, hk, d = q_mean.shape
     nc = compressed_keys.shape[2]
-    qmt = jnp.transpose(q_mean.astype(jnp.float32), (0, 2, 3, 1))  # [B, Hk, d, N]
-    bq = min(SEL_ROWS_BLOCK_Q, max(16, _next_pow2(n)))
+    dp = _padded_head_dim(d)
+    bq = min(SEL_BLOCK_Q, max(16, _next_pow2(n)))
     kernel = functools.partial(
-        _select_rows_kernel, seq_len=n, nc=nc, d=d, n_sel=n_sel, n_pad=n_pad, block_size=block_size,
-        causal=causal, scale=scale, keep_threshold=keep_threshold, bq=bq, chunk=SEL_ROWS_CHUNK)
+        _select_kernel, seq_len=n, nc=nc, n_sel=n_sel, n_pad=n_pad, block_size=block_size, causal=causal,
+        scale=scale, keep_threshold=keep_threshold, bq=bq, chunk=SEL_CHUNK,
+        score_precision=gpu_common.selection_score_precision(bool(interpret)))
     return pl.pallas_call(
         kernel,
         grid=(pl.cdiv(n, bq), bsz, hk),
         in_specs=[
-            pl.BlockSpec((None, None, d, n), lambda t, b, h: (b, h, 0, 0)),
-            pl.BlockSpec((None, None, nc, d), lambda t, b, h: (b, h, 0, 0)),
+            pl.BlockSpec((None, n, None, dp), lambda t, b, h: (b, 0, h, 0)),
+            pl.BlockSpec((None, None, nc, dp), lambda t, b, h: (b, h, 0, 0)),
             pl.BlockSpec((None, nc), lambda t, b, h: (b, 0)),
         ],
         out_specs=pl.BlockSpec((None, n, None, n_pad), lambda t, b, h: (b, 0, h, 0)),
         out_shape=jax.ShapeDtypeStruct((bsz, n, hk, n_pad), jnp.int32),
-        compiler_params=_compiler_params(SEL_ROWS_NUM_WARPS),
-        interpret=interpret,
-        name="ltis_select",
-    )(qmt, compressed_keys.astype(jnp.float32), block_valid.astype(jnp.int32))
-
-
-def _select_tiles_call(q_mean, compressed_keys, block_valid, *, n_sel, n_pad, block_size, causal, scale,
-                       keep_threshold, interpret):
-    """Tile-wise selection kernel (matmul scores, running top-n by max-and-mask rounds)."""
-    bsz, n, hk, d = q_mean.shape
-    nc = compressed_keys.shape[2]
-    dp = _padded_head_dim(d)
-    qm = _pad_last(q_mean.astype(jnp.float32), dp)
-    ck = _pad_last(compressed_keys, dp)
-    bv = block_valid.astype(jnp.int32)
-    bq = min(SEL_BLOCK_Q, max(16, _next_pow2(n)))
-    bk = min(SEL_BLOCK_K, max(16, _next_pow2(nc)))
-    longest_first = bool(SEL_LONGEST_FIRST) and causal
-    grid, wrap = _query_tile_grid(pl.cdiv(n, bq), bsz, hk, longest_first)
-    kernel = functools.partial(
-        _select_kernel, seq_len=n, nc=nc, n_sel=n_sel, n_pad=n_pad, block_size=block_size,
-        causal=causal, scale=scale, keep_threshold=keep_threshold, bq=bq, bk=bk,
-        score_precision=gpu_common.selection_score_precision(bool(interpret)), longest_first=longest_first,
-    )
-    return pl.pallas_call(
-        kernel,
-        grid=grid,
-        in_specs=[
-            pl.BlockSpec((None, n, None, dp), wrap(lambda t, b, h: (b, 0, h, 0))),
-            pl.BlockSpec((None, None, nc, dp), wrap(lambda t, b, h: (b, h, 0, 0))),
-            pl.BlockSpec((None, nc), wrap(lambda t, b, h: (b, 0))),
-        ],
-        out_specs=pl.BlockSpec((None, n, None, n_pad), wrap(lambda t, b, h: (b, 0, h, 0))),
-        out_shape=jax.ShapeDtypeStruct((bsz, n, hk, n_pad), jnp.int32),
         compiler_params=_compiler_params(SEL_NUM_WARPS),
         interpret=interpret,
         name="ltis_select",
-    )(qm, ck, bv)
+    )(_pad_last(q_mean.astype(jnp.float32), dp), _pad_last(compressed_keys.astype(jnp.float32), dp),
+      block_valid.astype(jnp.int32))
 
 
 # ========================================================================================================

@@ -2,7 +2,7 @@
 
 Checked against the pure-jnp references (pallas_kernels/ltis_reference.py) and against brute-force oracles
 written here from the SPEC (a float64 numpy selection oracle and a dense [N, N]-mask attention oracle):
-selection kept-sets (both selection kernels, row-wise and tile-wise), outputs and gradients w.r.t. q, k, v
+selection kept-sets (with several scoring chunks and query-tile sizes), outputs and gradients w.r.t. q, k, v
 (random cotangent), float32 and bfloat16, causal and bidirectional, mask_padded_block_keys on/off, N in
 {1, 5, 16, 17, 50, 130}, n larger than the number of visible blocks, GQA G in {1, 2, 4, 8}, right padding with
 a one-item row, NaN at padded positions.
@@ -14,7 +14,6 @@ distinct shape / static configuration) and each configuration checks as much as 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
@@ -32,27 +31,11 @@ THR = 1e-10
 # ------------------------------------------------------------------------------------------------------
 # shared jitted entry points
 # ------------------------------------------------------------------------------------------------------
-# the two selection kernels, by the largest compressed-block count for which the row-wise one is used
-SELECTION_KERNELS = {"tiles": -1, "rows": 2**31 - 1}
-
-
-@contextlib.contextmanager
-def _selection_kernel(kernel: str):
-    """Traces ``select_blocks_gpu`` with the tile-wise or the row-wise selection kernel."""
-    saved = ltis_gpu.SEL_ROWS_MAX_BLOCKS
-    ltis_gpu.SEL_ROWS_MAX_BLOCKS = SELECTION_KERNELS[kernel]
-    try:
-        yield
-    finally:
-        ltis_gpu.SEL_ROWS_MAX_BLOCKS = saved
-
-
-@functools.partial(jax.jit, static_argnames=("causal", "n_sel", "kernel"))
-def _select_kernel(qm, ck, bv, *, causal, n_sel, kernel="tiles"):
+@functools.partial(jax.jit, static_argnames=("causal", "n_sel"))
+def _select_kernel(qm, ck, bv, *, causal, n_sel):
     scale = 1.0 / math.sqrt(qm.shape[-1])
-    with _selection_kernel(kernel):
-        return ltis_gpu.select_blocks_gpu(qm, ck, bv, causal=causal, num_selected=n_sel, block_size=BLOCK,
-                                          keep_threshold=THR, scale=scale, interpret=True)
+    return ltis_gpu.select_blocks_gpu(qm, ck, bv, causal=causal, num_selected=n_sel, block_size=BLOCK,
+                                      keep_threshold=THR, scale=scale, interpret=True)
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "n_sel"))
@@ -228,41 +211,26 @@ SELECT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("kernel", sorted(SELECTION_KERNELS))
 @pytest.mark.parametrize("n,hk,causal,n_sel", SELECT_CASES)
-def test_select_blocks(n, hk, causal, n_sel, kernel):
-    _check_selection(n, hk, causal, n_sel, kernel)
+def test_select_blocks(n, hk, causal, n_sel):
+    _check_selection(n, hk, causal, n_sel)
 
 
-@pytest.mark.parametrize("n,causal,n_sel,longest_first", [(600, True, 4, 1), (600, True, 4, 0), (600, False, 4, 1),
-                                                         (300, True, 8, 1)])
-def test_select_blocks_over_several_key_tiles(monkeypatch, n, causal, n_sel, longest_first):
-    """Key tiles of 16 compressed blocks, so the running top-n and log-sum-exp carry across several tiles per
-    query (the default 64-block tiles need N > 1024 for that, too slow for the interpreter); query tiles
-    launched in order and longest first."""
-    monkeypatch.setattr(ltis_gpu, "SEL_BLOCK_K", 16)
-    monkeypatch.setattr(ltis_gpu, "SEL_LONGEST_FIRST", longest_first)
+@pytest.mark.parametrize("n,causal,chunk,block_q", [(600, True, 16, 16), (300, False, 64, 128), (700, True, 16, 64),
+                                                    (130, True, 32, 32), (1000, True, 32, 128)])
+def test_select_chunks_and_query_tiles(monkeypatch, n, causal, chunk, block_q):
+    """Scoring chunks that do not divide the visible block count (the blocks past it are masked), several
+    chunks per query, and query tiles smaller / larger than N."""
+    monkeypatch.setattr(ltis_gpu, "SEL_CHUNK", chunk)
+    monkeypatch.setattr(ltis_gpu, "SEL_BLOCK_Q", block_q)
     jax.clear_caches()
     try:
-        _check_selection(n, 2, causal, n_sel, "tiles")
+        _check_selection(n, 2, causal, 4)
     finally:
         jax.clear_caches()
 
 
-@pytest.mark.parametrize("n,causal,chunk,block_q", [(600, True, 3, 16), (300, False, 5, 128), (130, True, 1, 64)])
-def test_select_rows_chunks_and_query_tiles(monkeypatch, n, causal, chunk, block_q):
-    """Row-wise kernel: unrolled steps that do not divide the visible block count (the steps past it load a
-    real block and mask it) and query tiles smaller / larger than N."""
-    monkeypatch.setattr(ltis_gpu, "SEL_ROWS_CHUNK", chunk)
-    monkeypatch.setattr(ltis_gpu, "SEL_ROWS_BLOCK_Q", block_q)
-    jax.clear_caches()
-    try:
-        _check_selection(n, 2, causal, 4, "rows")
-    finally:
-        jax.clear_caches()
-
-
-def _check_selection(n, hk, causal, n_sel, kernel):
+def _check_selection(n, hk, causal, n_sel):
     rng = np.random.default_rng(1000 + n * 7 + hk + 3 * causal + n_sel)
     bsz, d = 2, 16
     nc = n // BLOCK
@@ -279,7 +247,7 @@ def _check_selection(n, hk, causal, n_sel, kernel):
     ck_nan = np.where(bv[:, None, :, None], ck, np.nan).astype(np.float32)
 
     sel, kept = _select_kernel(jnp.asarray(qm), jnp.asarray(ck_nan), jnp.asarray(bv), causal=causal,
-                               n_sel=n_sel, kernel=kernel)
+                               n_sel=n_sel)
     sel_r, kept_r = _select_ref(jnp.asarray(qm), jnp.asarray(ck), jnp.asarray(bv), causal=causal,
                                 n_sel=n_sel)
     sel, kept, sel_r, kept_r = map(np.asarray, (sel, kept, sel_r, kept_r))
@@ -475,15 +443,12 @@ def test_cuda_export_lowering(dtype, causal):
         return jax.grad(lambda *a: jnp.sum(fwd(*a, valid, sel, kept).astype(jnp.float32)),
                         argnums=(0, 1, 2))(q, k, v)
 
-    def select_with(kernel):
-        def select(qm, ck, bv):
-            with _selection_kernel(kernel):
-                return ltis_gpu.select_blocks_gpu(qm, ck, bv, causal=causal, num_selected=n_sel, scale=0.25)
-        return select
+    def select(qm, ck, bv):
+        return ltis_gpu.select_blocks_gpu(qm, ck, bv, causal=causal, num_selected=n_sel, scale=0.25)
 
     sel_args = (sds((bsz, n, hk, d), jnp.float32), sds((bsz, hk, n // BLOCK, d), dtype),
                 sds((bsz, n // BLOCK), jnp.bool_))
-    for fn, args, n_calls in ((select_with("tiles"), sel_args, 1), (select_with("rows"), sel_args, 1),
+    for fn, args, n_calls in ((select, sel_args, 1),
                               (fwd, attn_args, 1), (grad, attn_args, 3)):
         exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=disabled)(*args)
         text = exported.mlir_module()
