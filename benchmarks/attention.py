@@ -6,9 +6,11 @@ dense-mask reference (or the xla path where the reference is too large) on fresh
 gradients. Timings: medians of --iters calls after --warmup calls, each call on a fresh input from a small
 rotating pool, synchronised with block_until_ready (per-call latency); with --pipelined also the throughput
 per call of --iters calls dispatched back to back (median of 5 rounds), which is what a training loop sees.
-Peak memory: XLA's compiled memory analysis (arguments + outputs + temporaries) of the jitted function. ``--profile`` also traces a few forward+backward
-calls per row and splits their device time by kernel (each Pallas kernel by name, cuDNN, XLA's sort, the
-other XLA ops of the forward and of the backward), with XLA's command buffers off (for the whole process).
+Peak memory: XLA's compiled memory analysis (arguments + outputs + temporaries) of the jitted function.
+``--profile`` also traces a few forward+backward calls per row and splits their device time by kernel (each
+Pallas kernel by name, cuDNN, XLA's sort, the other XLA ops of the forward and of the backward), with XLA's
+command buffers off (for the whole process). ``--command-buffers default off`` compiles and times each layer
+both ways in one process instead.
 
 Usage (GPU):  python benchmarks/attention.py --out $OUT/attention.json
 CPU smoke run: python benchmarks/attention.py --lengths 64 --tokens 1024 --impls xla --iters 2
