@@ -116,8 +116,25 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def check(impls, seq_lens, seed):
-    """Each blossom impl against the reference (N <= 1024) or xla, outputs and gradients, fresh inputs."""
+def _override_text(variant: str) -> str | None:
+    return None if variant == "default" else variant
+
+
+def _variant_key(variant: str, variants) -> dict:
+    """{"variant": ...} in result rows when several variants are timed, else nothing."""
+    return {"variant": variant} if tuple(variants) != ("default",) else {}
+
+
+def runs(impls, variants):
+    """(impl, variant) pairs in timing order: every blossom impl under each of ``variants`` (``--set``-style
+    override strings, or "default"), every dense impl once (unaffected by the kernels' constants)."""
+    return [(name, variant) for name in impls
+            for variant in (("default",) if name.startswith("dense-") else variants)]
+
+
+def check(impls, seq_lens, seed, variants=("default",)):
+    """Each blossom impl (under each of ``variants``) against the reference (N <= 1024) or xla, outputs and
+    gradients, fresh inputs."""
     rows = []
     for seq_len in seq_lens:
         batch = max(1, 2048 // seq_len)
@@ -127,14 +144,16 @@ def check(impls, seq_lens, seed):
         x, valid, cot = _inputs(jax.random.key(seed + seq_len), batch, seq_len, padded=True)
         f_ref, g_ref = fwd_and_grad(oracle)
         want_out, want_grads = f_ref(params, x, valid), g_ref(params, x, valid, cot)
-        for name in impls:
+        for name, variant in runs(impls, variants):
             if not name.startswith("blossom-") or name == oracle_name:
                 continue
             f, g = fwd_and_grad(make_layer(name))
-            out, grads = f(params, x, valid), g(params, x, valid, cot)
+            with overrides.applied(_override_text(variant)):
+                out, grads = f(params, x, valid), g(params, x, valid, cot)
             finite = bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
             grad_errs = [rel_err(a, b) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads))]
-            row = dict(impl=name, oracle=oracle_name, N=seq_len, B=batch, finite=finite,
+            row = dict(impl=name, **_variant_key(variant, variants), oracle=oracle_name, N=seq_len, B=batch,
+                       finite=finite,
                        out_rel_err=rel_err(out.astype(jnp.float32) * valid[..., None],
                                            want_out.astype(jnp.float32) * valid[..., None]),
                        max_grad_rel_err=max(grad_errs))
@@ -194,51 +213,49 @@ def kernel_group(op: str, name_stack: str) -> str:
     return "xla_bwd" if "transpose(" in name_stack else "xla_fwd"
 
 
-def profile_layer(compiled, arg_sets, calls=5, top=30) -> dict:
-    """Device time of one call of ``compiled`` split by :func:`kernel_group`, and its top ops."""
-    by_op, n_events, _ = profiling.traced_op_times(compiled, arg_sets, compiled.as_text(), calls)
+def profile_layer(compiled, arg_sets, calls=5, top=None, keep_trace=None) -> dict:
+    """Device time of one call of ``compiled`` split by :func:`kernel_group`, its ops (the ``top`` longest, or
+    all), and where a synchronised call's wall time goes: ``span_ms`` from its first kernel's start to its
+    last one's end (``idle_in_span_ms`` of it without a kernel running) and ``wall_ms`` on the host (profiler
+    on). ``keep_trace``: a folder to keep the raw trace in."""
+    trace = profiling.traced_op_times(compiled, arg_sets, compiled.as_text(), calls, keep_trace=keep_trace)
     groups = collections.Counter()
-    for (op, stack), ns in by_op.items():
+    for (op, stack), ns in trace.by_op.items():
         groups[kernel_group(op, stack)] += ns
     per_call = lambda ns: round(ns / calls / 1e6, 4)  # noqa: E731
-    return {"device_ms": per_call(sum(groups.values())), "events_per_call": n_events / calls,
+    device_ms = per_call(sum(groups.values()))
+    span_ms = trace.median_ms(trace.span_ns)
+    return {"device_ms": device_ms, "events_per_call": trace.n_events / calls,
+            "span_ms": span_ms, "idle_in_span_ms": round(span_ms - device_ms, 4),
+            "wall_ms": trace.median_ms(trace.wall_ns),
             "by_kernel_ms": {k: per_call(v) for k, v in groups.most_common()},
             "top_ops_ms": [{"op": op, "name_stack": stack[-80:], "ms": per_call(ns)}
-                           for (op, stack), ns in by_op.most_common(top)]}
+                           for (op, stack), ns in trace.by_op.most_common(top)]}
 
 
 def bench(impls, seq_lens, tokens, warmup, iters, seed, out_path=None, profile=False,
-          command_buffers=("default",), pipelined=False):
-    """Times every impl at every length. ``command_buffers``: modes of COMMAND_BUFFER_MODES, each compiled and
-    timed in turn (keys of modes other than "default" carry the suffix ``_cb_<mode>``); ``pipelined``: also
-    the back-to-back throughput per call (``*_pipelined_ms``)."""
+          command_buffers=("default",), pipelined=False, variants=("default",), keep_trace=None):
+    """Times every impl (each blossom impl under each of ``variants``, see :func:`runs`) at every length.
+    ``command_buffers``: modes of COMMAND_BUFFER_MODES, each compiled and timed in turn (keys of modes other
+    than "default" carry the suffix ``_cb_<mode>``); ``pipelined``: also the back-to-back throughput per call
+    (``*_pipelined_ms``); ``keep_trace``: with ``profile``, a folder for the raw traces (one per row)."""
     rows = []
     for seq_len in seq_lens:
         batch = max(1, tokens // seq_len)
         pool = [_inputs(jax.random.key(seed + 100 * i + seq_len), batch, seq_len, padded=False)
                 for i in range(3)]
-        for name in impls:
+        for run_index, (name, variant) in enumerate(runs(impls, variants)):
             layer = make_layer(name)
             params = layer.init(jax.random.key(seed))
             f, g = fwd_and_grad(layer)
-            row = dict(impl=name, N=seq_len, B=batch, tokens=batch * seq_len)
+            row = dict(impl=name, **_variant_key(variant, variants), N=seq_len, B=batch, tokens=batch * seq_len)
             try:
-                for mode in command_buffers:
-                    suffix = "" if mode == "default" else f"_cb_{mode}"
-                    options = COMMAND_BUFFER_MODES[mode]
-                    f_compiled = f.lower(params, *pool[0][:2]).compile(options)
-                    g_compiled = g.lower(params, *pool[0]).compile(options)
-                    fwd_args = [(params, x, v) for x, v, _ in pool]
-                    fwdbwd_args = [(params, x, v, c) for x, v, c in pool]
-                    row["fwd_peak_mb"] = peak_bytes(f_compiled) / 2**20
-                    row["fwdbwd_peak_mb"] = peak_bytes(g_compiled) / 2**20
-                    row[f"fwd_ms{suffix}"], row[f"fwd_min_ms{suffix}"] = time_fn(f_compiled, fwd_args, warmup, iters)
-                    row[f"fwdbwd_ms{suffix}"], row[f"fwdbwd_min_ms{suffix}"] = time_fn(
-                        g_compiled, fwdbwd_args, warmup, iters)
-                    if pipelined:
-                        row[f"fwdbwd_pipelined_ms{suffix}"] = time_pipelined(g_compiled, fwdbwd_args, iters)
-                if profile:
-                    row["fwdbwd_profile"] = profile_layer(g_compiled, [(params, x, v, c) for x, v, c in pool])
+                with overrides.applied(_override_text(variant)):
+                    g_compiled = _time_row(row, f, g, params, pool, warmup, iters, command_buffers, pipelined)
+                    if profile:
+                        trace_dir = os.path.join(keep_trace, f"{name}_N{seq_len}_{run_index}") if keep_trace else None
+                        row["fwdbwd_profile"] = profile_layer(g_compiled, [(params, x, v, c) for x, v, c in pool],
+                                                              keep_trace=trace_dir)
             except Exception as error:  # noqa: BLE001 - record OOMs / unsupported configs and go on
                 row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
             rows.append(row)
@@ -247,6 +264,25 @@ def bench(impls, seq_lens, tokens, warmup, iters, seed, out_path=None, profile=F
                 with open(out_path, "a") as handle:
                     handle.write(json.dumps(row) + "\n")
     return rows
+
+
+def _time_row(row, f, g, params, pool, warmup, iters, command_buffers, pipelined):
+    """Fills ``row`` with the forward and forward+backward timings and peak memory of one layer; returns the
+    compiled forward+backward of the last mode."""
+    for mode in command_buffers:
+        suffix = "" if mode == "default" else f"_cb_{mode}"
+        options = COMMAND_BUFFER_MODES[mode]
+        f_compiled = f.lower(params, *pool[0][:2]).compile(options)
+        g_compiled = g.lower(params, *pool[0]).compile(options)
+        fwd_args = [(params, x, v) for x, v, _ in pool]
+        fwdbwd_args = [(params, x, v, c) for x, v, c in pool]
+        row["fwd_peak_mb"] = peak_bytes(f_compiled) / 2**20
+        row["fwdbwd_peak_mb"] = peak_bytes(g_compiled) / 2**20
+        row[f"fwd_ms{suffix}"], row[f"fwd_min_ms{suffix}"] = time_fn(f_compiled, fwd_args, warmup, iters)
+        row[f"fwdbwd_ms{suffix}"], row[f"fwdbwd_min_ms{suffix}"] = time_fn(g_compiled, fwdbwd_args, warmup, iters)
+        if pipelined:
+            row[f"fwdbwd_pipelined_ms{suffix}"] = time_pipelined(g_compiled, fwdbwd_args, iters)
+    return g_compiled
 
 
 def main(argv=None):
@@ -269,11 +305,18 @@ def main(argv=None):
     parser.add_argument("--command-buffers", nargs="+", default=["default"], choices=sorted(COMMAND_BUFFER_MODES),
                         help="compile and time each layer with XLA's GPU command buffers as by default and / or off "
                              "(one process; keys of the off mode end in _cb_off)")
+    parser.add_argument("--variants", nargs="+", default=["default"], metavar="SETTINGS",
+                        help="time (and check) each blossom impl under each of these --set-style override strings "
+                             "in turn, in this process ('default' = none); rows then carry a 'variant' key")
+    parser.add_argument("--keep-trace", default=None, metavar="DIR",
+                        help="with --profile: keep each row's raw jax.profiler trace under DIR")
     parser.add_argument("--pipelined", action="store_true",
                         help="also time forward+backward calls dispatched back to back (throughput per call)")
     parser.add_argument("--out", default=None, help="JSON results file")
     args = parser.parse_args(argv)
     kernel_overrides = overrides.apply(args.set)
+    for variant in args.variants:
+        overrides.parse(_override_text(variant))  # fail before any work on a bad variant
     if args.profile:  # read when the backend starts, which has not happened yet
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(), jax=jax.__version__,
@@ -281,12 +324,12 @@ def main(argv=None):
                 backend=jax.default_backend(), python=platform.python_version(), argv=sys.argv[1:],
                 xla_flags=os.environ.get("XLA_FLAGS", ""), kernel_overrides=kernel_overrides)
     print("meta", json.dumps(meta), flush=True)
-    checks = [] if args.skip_check else check(args.impls, args.check_lengths, args.seed)
+    checks = [] if args.skip_check else check(args.impls, args.check_lengths, args.seed, args.variants)
     if not all(row["ok"] for row in checks):
         print("CORRECTNESS CHECK FAILED: timings below are for information only", flush=True)
     timings = bench(args.impls, args.lengths, args.tokens, args.warmup, args.iters, args.seed,
                     args.out + ".rows.jsonl" if args.out else None, args.profile, args.command_buffers,
-                    args.pipelined)
+                    args.pipelined, args.variants, args.keep_trace)
     result = dict(meta=meta, checks=checks, timings=timings)
     if args.out:
         with open(args.out, "w") as handle:
@@ -295,17 +338,20 @@ def main(argv=None):
     for row in timings:
         print(f"{row['impl']:<18}{row['N']:>7}{row['B']:>6}{row.get('fwd_ms', float('nan')):>9.3f}"
               f"{row.get('fwdbwd_ms', float('nan')):>9.3f}{row.get('fwdbwd_peak_mb', float('nan')):>9.0f}"
-              f"  {row.get('error', '')[:60]}")
+              f"  {row.get('variant', '')} {row.get('error', '')[:60]}")
     extra = [key for key in ("fwdbwd_ms_cb_off", "fwdbwd_pipelined_ms", "fwdbwd_pipelined_ms_cb_off")
              if any(key in row for row in timings)]
     if extra:
         print(f"\n{'impl':<18}{'N':>7}" + "".join(f"{key:>28}" for key in extra))
         for row in timings:
-            print(f"{row['impl']:<18}{row['N']:>7}" + "".join(f"{row.get(key, float('nan')):>28.3f}" for key in extra))
+            print(f"{row['impl']:<18}{row['N']:>7}" + "".join(f"{row.get(key, float('nan')):>28.3f}" for key in extra)
+                  + f"  {row.get('variant', '')}")
     for row in timings:
         if "fwdbwd_profile" in row:
-            parts = ", ".join(f"{k} {v:.3f}" for k, v in row["fwdbwd_profile"]["by_kernel_ms"].items())
-            print(f"profile {row['impl']} N={row['N']}: {row['fwdbwd_profile']['device_ms']:.3f} ms = {parts}")
+            prof = row["fwdbwd_profile"]
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in prof["by_kernel_ms"].items())
+            print(f"profile {row['impl']} {row.get('variant', '')} N={row['N']}: {prof['device_ms']:.3f} ms = {parts}; "
+                  f"span {prof['span_ms']:.3f} (idle {prof['idle_in_span_ms']:.3f}), wall {prof['wall_ms']:.3f}")
 
 
 if __name__ == "__main__":

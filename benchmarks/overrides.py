@@ -4,7 +4,9 @@ in the same call as the defaults. Only existing upper-case int constants can be 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from typing import Iterator
 
 
 def parse(text: str | None) -> list[tuple[object, str, int]]:
@@ -30,3 +32,16 @@ def apply(text: str | None) -> dict[str, int]:
         setattr(module, name, value)
         applied[f"{module.__name__.rpartition('.')[2]}.{name}"] = value
     return applied
+
+
+@contextlib.contextmanager
+def applied(text: str | None) -> Iterator[dict[str, int]]:
+    """Applies ``text``'s overrides inside the ``with`` block and restores the previous values after it, so
+    that one process can time several settings in turn (each must be traced afresh: read at trace time)."""
+    settings = parse(text)
+    previous = [(module, name, getattr(module, name)) for module, name, _ in settings]
+    try:
+        yield apply(text)
+    finally:
+        for module, name, value in previous:
+            setattr(module, name, value)

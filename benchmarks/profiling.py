@@ -8,9 +8,13 @@ its own trace event; both scripts do that when asked to profile.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import glob
 import re
+import shutil
+import statistics
 import tempfile
+import time
 import warnings
 
 import jax
@@ -31,8 +35,8 @@ def _stats(event) -> dict:
 
 
 def device_op_events(trace_dir: str):
-    """(HLO op name, duration ns, hlo module or None) of every op event in the trace under ``trace_dir``,
-    and the names of the trace's lines.
+    """(HLO op name, start ns, duration ns, hlo module or None) of every op event in the trace under
+    ``trace_dir``, and the names of the trace's lines.
 
     Where a device plane has an "XLA Ops" line (one event per HLO instruction run), those events count;
     otherwise every event that carries an ``hlo_op`` stat does: the kernel events of the GPU stream lines
@@ -49,33 +53,74 @@ def device_op_events(trace_dir: str):
     if op_lines:
         for line in op_lines:
             for e in line.events:
-                events.append((e.name, e.duration_ns, _stats(e).get("hlo_module")))
+                events.append((e.name, e.start_ns, e.duration_ns, _stats(e).get("hlo_module")))
     else:
         for plane in planes:
             for line in plane.lines:
                 for e in line.events:
                     stats = _stats(e)
                     if "hlo_op" in stats:
-                        events.append((str(stats["hlo_op"]), e.duration_ns, stats.get("hlo_module")))
+                        events.append((str(stats["hlo_op"]), e.start_ns, e.duration_ns, stats.get("hlo_module")))
     return events, lines_seen
 
 
-def traced_op_times(run, pool, hlo_text: str, calls: int = 5):
-    """Runs ``run(*pool[i % len(pool)])`` ``calls`` times under the profiler.
+def call_spans_ns(events, calls: int) -> list[float]:
+    """Per call, the time from its first op event's start to its last one's end, for ``calls`` calls run one
+    after another with a host synchronisation between them: the events are split at the ``calls - 1``
+    widest idle gaps. Against the summed op durations, a span shows how long the device sat idle inside a
+    call (launch gaps); against the host's wall time per call, what the dispatch and the synchronisation
+    add outside it."""
+    if not events or calls < 1:
+        return []
+    ordered = sorted((start, start + duration) for _, start, duration, _ in events)
+    gaps, end_so_far = [], ordered[0][1]
+    for index in range(1, len(ordered)):
+        gaps.append((ordered[index][0] - end_so_far, index))
+        end_so_far = max(end_so_far, ordered[index][1])
+    cuts = sorted(index for _, index in sorted(gaps, reverse=True)[:calls - 1])
+    spans = []
+    for lo, hi in zip([0] + cuts, cuts + [len(ordered)]):
+        group = ordered[lo:hi]
+        spans.append(max(end for _, end in group) - group[0][0])
+    return spans
 
-    Returns (Counter {(HLO op, jax name stack): total ns}, number of events, trace line names), restricted
-    to the events of ``hlo_text``'s module where the trace names modules."""
+
+@dataclasses.dataclass
+class Trace:
+    """What :func:`traced_op_times` measured: total ns per (HLO op, jax name stack), the number of op
+    events, the trace's line names, and per call the device span (:func:`call_spans_ns`) and the host
+    wall time (call to ``block_until_ready`` returning, profiler on)."""
+    by_op: collections.Counter
+    n_events: int
+    lines_seen: list
+    span_ns: list
+    wall_ns: list
+
+    def median_ms(self, values) -> float:
+        return round(statistics.median(values) / 1e6, 4) if values else float("nan")
+
+
+def traced_op_times(run, pool, hlo_text: str, calls: int = 5, keep_trace: str | None = None) -> Trace:
+    """Runs ``run(*pool[i % len(pool)])`` ``calls`` times under the profiler, each call synchronised.
+
+    Returns a :class:`Trace`, restricted to the events of ``hlo_text``'s module where the trace names
+    modules. ``keep_trace``: a folder to copy the raw trace into (for a timeline viewer)."""
     op_names = hlo_op_names(hlo_text)
     trace_dir = tempfile.mkdtemp(prefix="blossom_profile_")
+    wall_ns = []
     with jax.profiler.trace(trace_dir):
         for i in range(calls):
+            start = time.perf_counter_ns()
             jax.block_until_ready(run(*pool[i % len(pool)]))
+            wall_ns.append(time.perf_counter_ns() - start)
     events, lines_seen = device_op_events(trace_dir)
+    if keep_trace:
+        shutil.copytree(trace_dir, keep_trace, dirs_exist_ok=True)
     module = re.match(r"HloModule ([\w.\-]+)", hlo_text)
     if module:
-        events = [e for e in events if e[2] is None or e[2] == module.group(1)]
+        events = [e for e in events if e[3] is None or e[3] == module.group(1)]
     by_op = collections.Counter()
-    for name, duration_ns, _ in events:
+    for name, _, duration_ns, _ in events:
         op = name.lstrip("%").split(" ")[0].split("=")[0].strip()
         by_op[(op, op_names.get(op) or "")] += duration_ns
-    return by_op, len(events), lines_seen
+    return Trace(by_op, len(events), lines_seen, call_spans_ns(events, calls), wall_ns)

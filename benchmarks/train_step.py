@@ -118,7 +118,8 @@ def component_of(op_name: str | None) -> str:
 
 def profile_steps(run_step, pool, hlo_text: str, steps: int = 5, top: int = 15) -> dict:
     """Traces ``steps`` training steps and splits their device time by component and direction."""
-    by_op, n_events, lines_seen = profiling.traced_op_times(run_step, pool, hlo_text, steps)
+    trace = profiling.traced_op_times(run_step, pool, hlo_text, steps)
+    by_op, n_events, lines_seen = trace.by_op, trace.n_events, trace.lines_seen
     by_component = collections.Counter()
     for (op, op_name), duration_ns in by_op.items():
         direction = "bwd" if "transpose(" in op_name else "fwd"
@@ -129,6 +130,7 @@ def profile_steps(run_step, pool, hlo_text: str, steps: int = 5, top: int = 15) 
     per_step = lambda ns: round(ns / steps / 1e6, 4)  # noqa: E731
     total = sum(by_component.values())
     return {"steps": steps, "device_ms_per_step": per_step(total), "events": n_events,
+            "span_ms_per_step": trace.median_ms(trace.span_ns), "wall_ms_per_step": trace.median_ms(trace.wall_ns),
             "trace_lines": lines_seen[:30],
             "by_component_ms": {k: per_step(v) for k, v in by_component.most_common()},
             "top_ops_ms": [{"op": op, "name_stack": stack[-90:], "ms": per_step(ns)}

@@ -11,10 +11,11 @@ Two entry points, each beside its pure-jnp reference in :mod:`pallas_kernels.lti
   has no sort / top_k, so the running top-n is kept as n per-query (value, index) vectors, sorted descending,
   and each column goes in by a branch-free sorted insertion of ``[BQ]`` vectors (one entry per query): no
   max-and-mask rounds over the tile and no data-dependent loop. Chunks before the tile's first query's own
-  block skip the per-query causal test. It replaced two kernels: a tile kernel that inserted each tile's
-  candidates by max-and-mask rounds, and a row kernel that summed each score by 16 FMAs over 16 scalar key
-  loads per block; in the layer at N = 32k the selection takes 0.33 instead of 0.62 ms of device time
-  (benchmarks/NOTES.md, round 7).
+  block skip the per-query causal test, and in causal mode the query tiles launch longest first
+  (``SEL_LONGEST_FIRST``) so that the last wave holds the short ones. It replaced two kernels: a tile kernel
+  that inserted each tile's candidates by max-and-mask rounds, and a row kernel that summed each score by 16
+  FMAs over 16 scalar key loads per block; in the layer at N = 32k the selection takes 0.31 instead of 0.62 ms
+  of device time (benchmarks/NOTES.md, rounds 7 and 8).
   Ties go to the lower block index (same as ``lax.top_k``). Selection is by score, which orders
   blocks exactly as p does (p is a monotone function of the score); ``kept = p > keep_threshold`` uses the
   final log-sum-exp of ``[-1000, visible scores]``. Slots that hold no visible block (n larger than the
@@ -50,11 +51,12 @@ dK / dV strategy (deterministic, no atomics)
 The selection is inverted in XLA: the (query, slot) pairs of each (batch, kv head) whose block is kept
 (and whose query is valid) are stably sorted by block index (``lax.sort`` of packed int32 keys, O(N n)
 memory: per row of [B, Hk, N*n], or from ``DKV_FLAT_SORT_MIN_PAIRS`` pairs on all rows as one 1-D array, which
-XLA runs as CUB's radix sort) and a cumulative count gives each key block's segment. The dK/dV kernel has one
-program per (batch, kv head, key block w): it loads K_w, V_w once, walks its segment in chunks of ``DKV_ROWS``
-packed rows (queries x G heads, gathered), accumulates ``dV += P^T dO`` and ``dK += dS^T Q`` in registers,
-adds the own-block contribution of the b queries of block w (causal), and writes dK_w / dV_w once. Every output
-element is written by exactly one program in a fixed order: the backward is bitwise deterministic.
+XLA runs as CUB's radix sort), and each key block's segment starts where the sorted keys first reach it. The
+dK/dV kernel has one program per (batch, kv head, key block w): it loads K_w, V_w once, walks its segment in
+chunks of ``DKV_ROWS`` packed rows (queries x G heads, gathered), accumulates ``dV += P^T dO`` and
+``dK += dS^T Q`` in registers, adds the own-block contribution of the b queries of block w (causal), and writes
+dK_w / dV_w once. Every output element is written by exactly one program in a fixed order: the backward is
+bitwise deterministic.
 Trade-offs: (+) no atomics (Pallas-Triton does expose ``atomic_add``, but float atomics make training
 non-reproducible and the 4 x 16 x 16 scattered adds per query would contend in L2), no [N, Nc] or
 [N, n, b, d] intermediate, dK/dV tiles are dense ``[rows, b]`` matmuls with no block-diagonal waste.
@@ -104,12 +106,14 @@ __all__ = ["select_blocks_gpu", "ltis_attention_gpu", "TRITON_CUSTOM_CALL_TARGET
 # Selection: queries per program (rows of the [BQ, d] x [d, SEL_CHUNK] scoring matmul), warps, and compressed
 # blocks scored per matmul. Measured (H100, 65,536 tokens, selection alone, benchmarks/results/
 # gpu_call33..35_2026-11-27): 128 queries x 4 warps x 32 blocks 0.53 / 0.54 ms at N = 32k and 0.88 / 0.86 at 64k;
-# 32 x 1 x 16 0.58 / 1.00; 64 x 2 x 32 0.60 / 0.99; 256 x 8 x 32 0.59 / 1.06; 64-block chunks 0.61 / 0.92. The
-# query tiles run in launch order: longest first helped 32 x 1 x 32 (0.68 -> 0.53 at 32k) but not 128 x 4 x 16
-# (0.55 -> 0.60); benchmarks/NOTES.md, round 7.
+# 32 x 1 x 16 0.58 / 1.00; 64 x 2 x 32 0.60 / 0.99; 256 x 8 x 32 0.59 / 1.06; 64-block chunks 0.61 / 0.92.
+# SEL_LONGEST_FIRST = 1 launches the causal query tiles in reverse, those with the most visible blocks first, so
+# that the last wave holds short programs: in the layer's profile 0.334 -> 0.306 ms at 32k and 0.637 -> 0.510 at
+# 64k, unchanged up to 4k (H100, one process, benchmarks/results/gpu_call39_2026-11-27; NOTES.md, round 8).
 SEL_BLOCK_Q = 128
 SEL_NUM_WARPS = 4
 SEL_CHUNK = 32
+SEL_LONGEST_FIRST = 1
 # Fine attention (forward and dQ): packed rows (queries x G heads) per program. 16 is the tensor-core
 # minimum; with G = 4 it is 4 queries (4x block-diagonal waste in the selected-key tile). Larger values
 # share the own-block load over more queries but waste more exponentials on the block-diagonal mask.
@@ -167,9 +171,12 @@ def _insert_sorted(vals, idxs, s, w):
 
 
 def _select_kernel(qm_ref, ck_ref, bv_ref, out_ref, *, seq_len, nc, n_sel, n_pad, block_size, causal, scale,
-                   keep_threshold, bq, chunk, score_precision):
+                   keep_threshold, bq, chunk, score_precision, longest_first):
     # qm_ref [N, dp] f32; ck_ref [Nc, dp] f32; bv_ref [Nc] int32; out_ref [N, n_pad] int32.
-    q0 = pl.program_id(0) * bq
+    tile = pl.program_id(0)
+    if longest_first:
+        tile = pl.num_programs(0) - 1 - tile
+    q0 = tile * bq
     rows = q0 + jnp.arange(bq, dtype=jnp.int32)
     row_in = rows < seq_len
     qm = plgpu.load(qm_ref.at[pl.ds(q0, bq), :], mask=row_in[:, None], other=0.0)
@@ -284,7 +291,8 @@ def _select_call(q_mean, compressed_keys, block_valid, *, n_sel, n_pad, block_si
     kernel = functools.partial(
         _select_kernel, seq_len=n, nc=nc, n_sel=n_sel, n_pad=n_pad, block_size=block_size, causal=causal,
         scale=scale, keep_threshold=keep_threshold, bq=bq, chunk=SEL_CHUNK,
-        score_precision=gpu_common.selection_score_precision(bool(interpret)))
+        score_precision=gpu_common.selection_score_precision(bool(interpret)),
+        longest_first=bool(SEL_LONGEST_FIRST) and causal)
     return pl.pallas_call(
         kernel,
         grid=(pl.cdiv(n, bq), bsz, hk),
@@ -579,8 +587,10 @@ def _inverse_selection(valid_i, sel_enc, n_key_blocks):
     Pairs (query i, slot r) have id i * n + r and key = their kept block, or NKB (sorts last) when the
     slot is not kept or the query is padding. One ``lax.sort`` orders them stably by block: of the packed
     int32 ``key * (N n) + id`` where that fits (one operand sorts faster than a (key, id) pair), else of
-    (key, id). Segment starts are an exclusive cumulative sum of per-block counts (an integer
-    scatter-add, so deterministic); ``searchsorted`` would be a ``while`` loop of ~log2(N n) small kernels.
+    (key, id). A block's segment starts where the sorted keys first reach it: each key's first position is
+    scattered to its block (unique indices, the rest dropped) and blocks nobody selected take the next
+    block's start (a reverse cumulative min). Deterministic, and without the contended scatter-add of
+    per-block counts; ``searchsorted`` would be a ``while`` loop of ~log2(N n) small kernels.
     """
     bsz, n, hk, n_sel = sel_enc.shape
     n_pairs = n * n_sel
@@ -592,15 +602,21 @@ def _inverse_selection(valid_i, sel_enc, n_key_blocks):
         # (row, key, id) packed into one int32 and sorted as one 1-D array: each row's n_pairs entries stay
         # together and in order, and XLA hands a long 1-D int32 sort to CUB's radix sort on GPUs
         packed = (rows * (n_key_blocks + 1) + keys) * n_pairs + ids
-        order = lax.sort(packed.reshape(-1)).reshape(bsz, hk, n_pairs) % n_pairs
+        packed = lax.sort(packed.reshape(-1)).reshape(bsz, hk, n_pairs)
+        order, sorted_keys = packed % n_pairs, (packed // n_pairs) % (n_key_blocks + 1)
     elif (n_key_blocks + 1) * n_pairs <= _PACKED_SORT_MAX:
-        order = lax.sort(keys * n_pairs + ids, dimension=2) % n_pairs
+        packed = lax.sort(keys * n_pairs + ids, dimension=2)
+        order, sorted_keys = packed % n_pairs, packed // n_pairs
     else:
-        _, order = lax.sort((keys, ids), dimension=2, is_stable=True, num_keys=1)
-    counts = jnp.zeros((bsz * hk * (n_key_blocks + 1),), jnp.int32).at[
-        (rows * (n_key_blocks + 1) + keys).reshape(-1)].add(1, mode="promise_in_bounds")
-    counts = counts.reshape(bsz, hk, n_key_blocks + 1)
-    starts = jnp.cumsum(counts, axis=2) - counts  # exclusive: starts[w] = pairs with a block < w
+        sorted_keys, order = lax.sort((keys, ids), dimension=2, is_stable=True, num_keys=1)
+    first = jnp.concatenate([jnp.ones_like(sorted_keys[..., :1], jnp.bool_),
+                             sorted_keys[..., 1:] != sorted_keys[..., :-1]], axis=-1)
+    n_segments = bsz * hk * (n_key_blocks + 1)
+    # every other position gets its own out-of-range index, so that all indices are unique and dropped
+    segment = jnp.where(first, rows * (n_key_blocks + 1) + sorted_keys, n_segments + rows * n_pairs + ids)
+    starts = jnp.full((n_segments,), n_pairs, jnp.int32).at[segment.reshape(-1)].set(
+        ids.reshape(-1), mode="drop", unique_indices=True)
+    starts = lax.cummin(starts.reshape(bsz, hk, n_key_blocks + 1), axis=2, reverse=True)
     return order, starts
 
 

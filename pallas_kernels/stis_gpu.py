@@ -164,7 +164,7 @@ def _is_pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 
 
-def _pick_block(block: int | None, n: int, gp: int, rows: int = DEFAULT_ROWS_PER_PROGRAM) -> int:
+def _pick_block(block: int | None, n: int, gp: int, rows: int) -> int:
     if block is None:
         block = max(1, rows // gp)
     if not _is_pow2(block):
@@ -379,7 +379,10 @@ class _Config:
         return _TritonParams(num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-def _geometry(q, k, block, rows=DEFAULT_ROWS_PER_PROGRAM):
+def _geometry(q, k, block, rows=None):
+    """Shapes and tiling; ``rows`` (query-head rows per program) defaults to DEFAULT_ROWS_PER_PROGRAM, read at
+    trace time so that benchmark overrides of the constant take effect."""
+    rows = DEFAULT_ROWS_PER_PROGRAM if rows is None else rows
     b, n, h, d = q.shape
     hk = k.shape[2]
     g = h // hk

@@ -206,6 +206,7 @@ def test_train_step_profile_attributes_device_time(tmp_path, monkeypatch):
     components = {k.split("/")[0] for k in profile["by_component_ms"]}
     assert {"attention_core", "layer_rest", "ce_head", "embeddings"} <= components
     assert profile["device_ms_per_step"] >= sum(v for v in profile["by_component_ms"].values()) - 1e-3
+    assert profile["wall_ms_per_step"] >= profile["span_ms_per_step"] > 0
     assert step.component_of("jit(step)/transpose(jvp(M))/M.encode/layer_0/blossom_attention/x/pallas_call") \
         == "attention_kernels"
     assert step.component_of(None) == "unattributed"
@@ -248,6 +249,12 @@ def test_kernel_benchmark_helpers():
     finally:
         ltis_gpu.ATTN_NUM_WARPS, stis_gpu.NUM_WARPS = saved
     assert overrides.apply(None) == {} and overrides.apply("") == {}
+    with overrides.applied("ltis_gpu.ATTN_NUM_WARPS=4") as applied:
+        assert applied == {"ltis_gpu.ATTN_NUM_WARPS": 4} and ltis_gpu.ATTN_NUM_WARPS == 4
+    assert ltis_gpu.ATTN_NUM_WARPS == saved[0]
+    with pytest.raises(RuntimeError), overrides.applied("stis_gpu.NUM_WARPS=8"):
+        raise RuntimeError("restored on errors too")
+    assert stis_gpu.NUM_WARPS == saved[1]
     for bad in ("ltis_gpu.NOPE=1", "ltis_gpu._LOG2E=1", "ATTN_ROWS=2", "nomodule.X=1", "ltis_gpu.ATTN_ROWS"):
         with pytest.raises((ValueError, ModuleNotFoundError)):
             overrides.apply(bad)
@@ -275,3 +282,52 @@ def test_attention_benchmark_modes(tmp_path):
     for key in ("fwd_ms", "fwdbwd_ms", "fwdbwd_pipelined_ms", "fwd_ms_cb_off", "fwdbwd_ms_cb_off",
                 "fwdbwd_pipelined_ms_cb_off"):
         assert row[key] > 0, key
+
+
+def test_call_spans_split_synchronised_calls():
+    """profiling.call_spans_ns: events of calls separated by host syncs, split at the widest gaps."""
+    profiling = _load("profiling")
+    events = [("a", 0, 10, None), ("b", 12, 8, None),       # call 1: 0 .. 20
+              ("c", 100, 5, None), ("d", 104, 26, None),    # call 2: 100 .. 130 (overlapping events)
+              ("e", 200, 5, None)]                          # call 3: 200 .. 205
+    assert profiling.call_spans_ns(events[::-1], 3) == [20, 30, 5]
+    assert profiling.call_spans_ns(events, 1) == [205]
+    assert profiling.call_spans_ns([], 3) == []
+
+
+def test_attention_benchmark_variants_and_profile(tmp_path, monkeypatch):
+    """attention.py --variants times (and checks) each blossom impl under each override set in one process and
+    restores the constants; --profile reports each call's device span and host wall time; --keep-trace keeps
+    the raw traces."""
+    monkeypatch.setenv("XLA_FLAGS", "")  # --profile appends to it; restored after the test
+    attention = _load("attention")
+    from pallas_kernels import ltis_gpu
+
+    chunk = ltis_gpu.SEL_CHUNK
+    out, traces = tmp_path / "attention.json", tmp_path / "traces"
+    attention.main(["--lengths", "32", "--tokens", "64", "--impls", "dense-xla", "xla", "--iters", "1",
+                    "--warmup", "1", "--check-lengths", "17", "--variants", "default", "ltis_gpu.SEL_CHUNK=16",
+                    "--profile", "--keep-trace", str(traces), "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert ltis_gpu.SEL_CHUNK == chunk
+    assert [(r["impl"], r["variant"]) for r in result["timings"]] == [
+        ("dense-xla", "default"), ("xla", "default"), ("xla", "ltis_gpu.SEL_CHUNK=16")]
+    for row in result["timings"]:
+        profile = row["fwdbwd_profile"]
+        assert profile["wall_ms"] >= profile["span_ms"] > 0 and profile["device_ms"] > 0, profile
+        assert profile["top_ops_ms"] and "error" not in row
+    assert len(list(traces.glob("*/**/*.xplane.pb"))) == 3
+    with pytest.raises(ValueError, match="module.NAME=int"):
+        attention.main(["--variants", "default", "nonsense", "--impls", "xla"])
+
+
+def test_dispatch_floor_smoke(tmp_path):
+    """dispatch_floor.py on the CPU: latency, throughput and their difference per chain length."""
+    floor = _load("dispatch_floor")
+    out = tmp_path / "floor.json"
+    rows = floor.main(["--kernels", "1", "3", "--size", "32", "--iters", "3", "--out", str(out)])
+    assert [row["kernels"] for row in rows] == [1, 3]
+    assert all(row["latency_ms"] > 0 and row["throughput_ms"] > 0 for row in rows)
+    assert json.loads(out.read_text())["rows"] == rows
+    with pytest.raises(ValueError, match="--kernels"):
+        floor.main(["--kernels", "0"])

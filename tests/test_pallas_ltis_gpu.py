@@ -216,13 +216,15 @@ def test_select_blocks(n, hk, causal, n_sel):
     _check_selection(n, hk, causal, n_sel)
 
 
-@pytest.mark.parametrize("n,causal,chunk,block_q", [(600, True, 16, 16), (300, False, 64, 128), (700, True, 16, 64),
-                                                    (130, True, 32, 32), (1000, True, 32, 128)])
-def test_select_chunks_and_query_tiles(monkeypatch, n, causal, chunk, block_q):
+@pytest.mark.parametrize("n,causal,chunk,block_q,longest_first", [
+    (600, True, 16, 16, 0), (300, False, 64, 128, 1), (700, True, 16, 64, 1), (130, True, 32, 32, 0),
+    (1000, True, 32, 128, 0), (1000, True, 32, 128, 1)])
+def test_select_chunks_and_query_tiles(monkeypatch, n, causal, chunk, block_q, longest_first):
     """Scoring chunks that do not divide the visible block count (the blocks past it are masked), several
-    chunks per query, and query tiles smaller / larger than N."""
+    chunks per query, query tiles smaller / larger than N, and tiles launched longest first."""
     monkeypatch.setattr(ltis_gpu, "SEL_CHUNK", chunk)
     monkeypatch.setattr(ltis_gpu, "SEL_BLOCK_Q", block_q)
+    monkeypatch.setattr(ltis_gpu, "SEL_LONGEST_FIRST", longest_first)
     jax.clear_caches()
     try:
         _check_selection(n, 2, causal, 4)
@@ -383,7 +385,8 @@ def test_dkv_is_deterministic():
 @pytest.mark.parametrize("sort", ["flat", "per_row", "pairs"])
 def test_inverse_selection_matches_a_stable_argsort(monkeypatch, sort):
     """The dK/dV kernel's inverse map: pair ids stably sorted by kept block (unkept slots and padded
-    queries last) and each block's segment start, against numpy; for the one 1-D sort of all rows' packed
+    queries last) and each block's segment start (blocks nobody selected included), against numpy; for the
+    one 1-D sort of all rows' packed
     keys, the per-row packed sort, and the (key, id) sort used when a packed key would overflow int32."""
     if sort == "per_row":
         monkeypatch.setattr(ltis_gpu, "DKV_FLAT_SORT_MIN_PAIRS", 2**31 - 1)
@@ -394,6 +397,7 @@ def test_inverse_selection_matches_a_stable_argsort(monkeypatch, sort):
     nkb = -(-n // BLOCK)
     sel_enc = rng.integers(-1, nkb, size=(bsz, n, hk, n_sel)).astype(np.int32)
     sel_enc[0, 5] = 2  # many pairs on one block
+    sel_enc[1, :, 0] = np.where(np.isin(sel_enc[1, :, 0], [1, 3]), 0, sel_enc[1, :, 0])  # blocks nobody selected
     valid = np.ones((bsz, n), np.int32)
     valid[1, 40:] = 0
     order, starts = map(np.asarray, jax.jit(ltis_gpu._inverse_selection, static_argnums=2)(
