@@ -149,6 +149,7 @@ def main():
         device=str(dev), device_kind=dev.device_kind, jax=jax.__version__,
         shape=dict(tokens=TOKENS, H=H, Hk=HK, d=D, dtype="bfloat16", window=8),
         defaults=dict(DEFAULT_ROWS_PER_PROGRAM=stis_gpu.DEFAULT_ROWS_PER_PROGRAM,
+                      DEFAULT_ROWS_PER_PROGRAM_DQ=stis_gpu.DEFAULT_ROWS_PER_PROGRAM_DQ,
                       DEFAULT_ROWS_PER_PROGRAM_DKV=stis_gpu.DEFAULT_ROWS_PER_PROGRAM_DKV,
                       NUM_WARPS=stis_gpu.NUM_WARPS, NUM_STAGES=stis_gpu.NUM_STAGES,
                       UNROLL=stis_gpu.UNROLL),

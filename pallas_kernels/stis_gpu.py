@@ -34,7 +34,7 @@ Why these kernels look the way they do
   heads of a group are adjacent in the ``H`` axis, so the block is one contiguous ``G*d`` run per
   query). Each shifted key/value tile ``[BQ, d]`` is loaded once per offset and broadcast over the
   ``G`` axis: ``G`` times fewer key loads than one program per query head, and ``BQ*G*d`` elements of
-  work per offset (256 rows of 16 for the defaults) to fill the vector lanes. If ``G`` is not a power
+  work per offset (256 rows of 16 in the forward, 64 in the backward kernels for the defaults). If ``G`` is not a power
   of two (Triton tensors need power-of-two sizes) the kernels fall back to one query head per program.
 * **Padding is skipped.** A program whose queries (forward, dq) or keys (dk/dv) are all padding visits no
   offset (its loops get zero trips) and stores zeros: right-padded batches pay only for their valid tiles.
@@ -82,9 +82,14 @@ _SQ = getattr(pl, "squeezed", None)
 # ptxas (Triton 3.6, sm_90, bf16, G = 4, offset loops) reports 113 registers for the forward and 155
 # for dq at 256 rows, no spills; >= 2048 programs at 65,536 tokens (H = 8, Hk = 2) fill the 132 SMs
 # of an H100 many times over. The dk/dv kernel carries two [rows, d] float32 accumulators plus q and
-# do tiles per offset: 168 registers at 256 rows, 113 at 128, so it defaults to 128 rows.
+# do tiles per offset: 168 registers at 256 rows, 113 at 128. The backward kernels run smaller tiles than
+# the forward (more programs in flight to hide their dependent loads): in the layer's device profile
+# (H100, N = 1k, 65,536 tokens, benchmarks/results/gpu_call40..42_2026-11-27) dq took 0.121 / 0.105 /
+# 0.087 / 0.120 ms at 256 / 128 / 64 / 32 rows and dk/dv 0.135 / 0.117 / 0.101 / 0.131 ms at 256 / 128 / 64 /
+# 32 rows, while the forward took 0.074 / 0.074 / 0.080 ms at 256 / 128 / 64 rows.
 DEFAULT_ROWS_PER_PROGRAM = 256
-DEFAULT_ROWS_PER_PROGRAM_DKV = 128
+DEFAULT_ROWS_PER_PROGRAM_DQ = 64
+DEFAULT_ROWS_PER_PROGRAM_DKV = 64
 # Never below 16 queries per tile (keeps Triton tensors from degenerating at tiny N); never above the
 # padded sequence length (no fully masked tiles at small N).
 MIN_BLOCK = 16
@@ -419,7 +424,7 @@ def _stis_fwd_call(q, k, v, valid, cfg: _Config):
 
 
 def _stis_bwd_call(q, k, v, valid, o, lse, do, cfg: _Config):
-    b, n, h, d, hk, g, gp, block, nt = _geometry(q, k, cfg.block_q)
+    b, n, h, d, hk, g, gp, block, nt = _geometry(q, k, cfg.block_q, DEFAULT_ROWS_PER_PROGRAM_DQ)
     plan = _plan(n, cfg.window, cfg.causal, cfg.sink, cfg.unroll)
     has_sink = plan.sink_window is not None
     qspec, kvspec, vspec, statspec = _specs(n, d, g, gp, nt)
@@ -508,9 +513,10 @@ def stis_attention_gpu(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Arra
       valid: bool [B, N] (right padding in the model, but any pattern works).
       causal, window, sink: the STIS rules (SPEC section 4). ``window >= 1``.
       block_q: queries per program in the forward and dq kernels, a power of two; default
-        ``DEFAULT_ROWS_PER_PROGRAM // G`` (64 for G = 4), clipped to [16, next_pow2(N)].
+        ``DEFAULT_ROWS_PER_PROGRAM // G`` (64 for G = 4) in the forward and ``DEFAULT_ROWS_PER_PROGRAM_DQ // G``
+        (16) in dq, at most next_pow2(N) but not below 16 queries (or the requested size, if smaller) for that.
       block_k: keys per program in the dk/dv kernel; default ``DEFAULT_ROWS_PER_PROGRAM_DKV // G``
-        (32 for G = 4), same clipping.
+        (16 for G = 4), same clipping.
       num_warps, num_stages, unroll: launch/codegen knobs, default ``NUM_WARPS``, ``NUM_STAGES``,
         ``UNROLL`` (offset loops vs fully unrolled offsets).
       interpret: run the kernels with the Pallas interpreter (CPU tests).
