@@ -34,8 +34,9 @@ Why these kernels look the way they do
   heads of a group are adjacent in the ``H`` axis, so the block is one contiguous ``G*d`` run per
   query). Each shifted key/value tile ``[BQ, d]`` is loaded once per offset and broadcast over the
   ``G`` axis: ``G`` times fewer key loads than one program per query head, and ``BQ*G*d`` elements of
-  work per offset (256 rows of 16 in the forward, 64 in the backward kernels for the defaults). If ``G`` is not a power
-  of two (Triton tensors need power-of-two sizes) the kernels fall back to one query head per program.
+  work per offset (256 rows of 16 in the forward, 64 in the backward kernels for the defaults). If ``G``
+  is not a power of two (Triton tensors need power-of-two sizes) the kernels fall back to one query head
+  per program.
 * **Padding is skipped.** A program whose queries (forward, dq) or keys (dk/dv) are all padding visits no
   offset (its loops get zero trips) and stores zeros: right-padded batches pay only for their valid tiles.
 * **Forward: online softmax** (running max, rescaled accumulator) over the keys, float32 throughout;
@@ -514,7 +515,7 @@ def stis_attention_gpu(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Arra
       causal, window, sink: the STIS rules (SPEC section 4). ``window >= 1``.
       block_q: queries per program in the forward and dq kernels, a power of two; default
         ``DEFAULT_ROWS_PER_PROGRAM // G`` (64 for G = 4) in the forward and ``DEFAULT_ROWS_PER_PROGRAM_DQ // G``
-        (16) in dq, at most next_pow2(N) but not below 16 queries (or the requested size, if smaller) for that.
+        (16) in dq; lowered to next_pow2(N) for short sequences, but never below min(block, 16).
       block_k: keys per program in the dk/dv kernel; default ``DEFAULT_ROWS_PER_PROGRAM_DKV // G``
         (16 for G = 4), same clipping.
       num_warps, num_stages, unroll: launch/codegen knobs, default ``NUM_WARPS``, ``NUM_STAGES``,
