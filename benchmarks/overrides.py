@@ -25,13 +25,16 @@ def parse(text: str | None) -> list[tuple[object, str, int]]:
     return settings
 
 
+def _set(settings) -> dict[str, int]:
+    """Sets parsed overrides; returns them as {"module.NAME": value}."""
+    for module, name, value in settings:
+        setattr(module, name, value)
+    return {f"{module.__name__.rpartition('.')[2]}.{name}": value for module, name, value in settings}
+
+
 def apply(text: str | None) -> dict[str, int]:
     """Applies ``text``'s overrides for the rest of the process; returns them as {"module.NAME": value}."""
-    applied = {}
-    for module, name, value in parse(text):
-        setattr(module, name, value)
-        applied[f"{module.__name__.rpartition('.')[2]}.{name}"] = value
-    return applied
+    return _set(parse(text))
 
 
 @contextlib.contextmanager
@@ -41,7 +44,6 @@ def applied(text: str | None) -> Iterator[dict[str, int]]:
     settings = parse(text)
     previous = [(module, name, getattr(module, name)) for module, name, _ in settings]
     try:
-        yield apply(text)
+        yield _set(settings)
     finally:
-        for module, name, value in previous:
-            setattr(module, name, value)
+        _set(previous)
