@@ -255,6 +255,7 @@ def main():
         device=str(jax.devices()[0]), device_kind=jax.devices()[0].device_kind, jax=jax.__version__,
         shape=dict(tokens=TOKENS, H=H, Hk=HK, d=D, block=BLOCK, n_sel=N_SEL, dtype="bfloat16", causal=causal),
         tiles=dict(SEL_BLOCK_Q=ltis_gpu.SEL_BLOCK_Q, SEL_CHUNK=ltis_gpu.SEL_CHUNK,
+                   SEL_LONGEST_FIRST=ltis_gpu.SEL_LONGEST_FIRST,
                    ATTN_ROWS=ltis_gpu.ATTN_ROWS, ATTN_MAX_KEYS=ltis_gpu.ATTN_MAX_KEYS,
                    DKV_ROWS=ltis_gpu.DKV_ROWS, warps=[ltis_gpu.SEL_NUM_WARPS, ltis_gpu.ATTN_NUM_WARPS,
                                                       ltis_gpu.DKV_NUM_WARPS], stages=ltis_gpu.NUM_STAGES),
