@@ -1,6 +1,7 @@
 """``--set module.NAME=value,...``: override int tile / launch constants of ``pallas_kernels`` modules for
 one benchmark process (e.g. ``ltis_gpu.ATTN_NUM_WARPS=1,stis_gpu.NUM_WARPS=2``), to time candidate settings
-in the same call as the defaults. Only existing upper-case int constants can be set."""
+in the same call as the defaults. Only existing upper-case int or bool constants can be set (a bool from 0 / 1,
+e.g. ``stis_gpu.UNROLL=1``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Iterator
 
 
 def parse(text: str | None) -> list[tuple[object, str, int]]:
-    """"module.NAME=int,..." -> [(module, NAME, int)]; raises ValueError on anything else."""
+    """"module.NAME=int,..." -> [(module, NAME, int or bool)]; raises ValueError on anything else."""
     settings = []
     for item in filter(None, (part.strip() for part in (text or "").split(","))):
         target, sep, value = item.partition("=")
@@ -19,9 +20,14 @@ def parse(text: str | None) -> list[tuple[object, str, int]]:
             raise ValueError(f"expected module.NAME=int, got {item!r}")
         module = importlib.import_module(f"pallas_kernels.{module_name}")
         current = getattr(module, name, None)
-        if not isinstance(current, int) or isinstance(current, bool):
-            raise ValueError(f"{target!r} is not an int constant of pallas_kernels.{module_name}")
-        settings.append((module, name, int(value)))
+        if not isinstance(current, int):
+            raise ValueError(f"{target!r} is not an int or bool constant of pallas_kernels.{module_name}")
+        number = int(value)
+        if isinstance(current, bool):
+            if number not in (0, 1):
+                raise ValueError(f"{target!r} is a bool constant: set it to 0 or 1, got {value!r}")
+            number = bool(number)
+        settings.append((module, name, number))
     return settings
 
 

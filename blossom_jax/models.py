@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -51,6 +54,45 @@ def _dtype(config: ModelConfig):
     return jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def split_last_axis(x: jax.Array, sizes: tuple[int, ...]) -> tuple[jax.Array, ...]:
+    """x [..., sum(sizes)] -> consecutive pieces [..., sizes[i]] (as ``jnp.split``).
+
+    The VJP concatenates the pieces' cotangents. Autodiff of ``jnp.split`` gives a zero-padded copy of each
+    cotangent and their sum, which XLA on GPUs ran as one elementwise fusion evaluating every pad per output
+    element (0.064 ms for the 4-way split of the fused projection at N = 1k, 65,536 tokens, H100), against a
+    concatenation it writes once."""
+    return tuple(jnp.split(x, list(itertools.accumulate(sizes[:-1])), axis=-1))
+
+
+def _split_last_axis_fwd(x, sizes):
+    return split_last_axis(x, sizes), None
+
+
+def _split_last_axis_bwd(sizes, _, cotangents):
+    return (jnp.concatenate(cotangents, axis=-1),)
+
+
+split_last_axis.defvjp(_split_last_axis_fwd, _split_last_axis_bwd)
+
+
+class _DenseParams(nn.Module):
+    """The parameters of an ``nn.Dense`` (same names, shapes, dtype and initialisation), without applying it: lets
+    one matmul serve several Dense layers over the same input while the parameter tree stays the Dense layout."""
+
+    features: int
+    use_bias: bool
+    kernel_init: nn.initializers.Initializer
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array | None]:
+        """-> (kernel [in_features, features] float32, bias [features] float32 or None)."""
+        kernel = self.param("kernel", self.kernel_init, (in_features, self.features), jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
+        return kernel, bias
+
+
 class BlossomAttention(nn.Module):
     """Projections, RoPE, LTIS + STIS attention, gate and head merge (SPEC 2-5).
 
@@ -74,15 +116,28 @@ class BlossomAttention(nn.Module):
         batch, seq_len, _ = x.shape
         heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         init = nn.initializers.normal(stddev=self.init_std)
-        qkv = nn.Dense(heads * head_dim + 2 * kv_heads * head_dim, use_bias=False, kernel_init=init,
-                       dtype=self.dtype, name="to_qkv")(x)
-        q, k, v = jnp.split(qkv, [heads * head_dim, (heads + kv_heads) * head_dim], axis=-1)
+        qkv_width = heads * head_dim + 2 * kv_heads * head_dim
+        # to_qkv and to_strategy_combine (the gate logits) as one matmul over x: in the backward their output
+        # cotangents then form one [.., qkv_width + 2H] buffer (split_last_axis) for one dX and one dW matmul, where
+        # two Dense layers left XLA with two dX matmuls, their sum and a copy into a concatenated buffer for dW.
+        # Same parameters, same values as the two Dense layers.
+        w_qkv, _ = _DenseParams(qkv_width, use_bias=False, kernel_init=init, name="to_qkv")(x.shape[-1])
+        w_gate, b_gate = _DenseParams(2 * heads, use_bias=True, kernel_init=init,
+                                      name="to_strategy_combine")(x.shape[-1])
+        x_in = x.astype(self.dtype)
+        qkv_sizes = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+        if query_positions is None:
+            projected = x_in @ jnp.concatenate([w_qkv, w_gate], axis=1).astype(self.dtype)
+            q, k, v, gate_logits = split_last_axis(projected, qkv_sizes + (2 * heads,))
+        else:  # the gates of the query rows only
+            q, k, v = split_last_axis(x_in @ w_qkv.astype(self.dtype), qkv_sizes)
+            gate_logits = take_rows(x_in, query_positions) @ w_gate.astype(self.dtype)
+        gate_logits = gate_logits + b_gate.astype(self.dtype)
         q = q.reshape(batch, seq_len, heads, head_dim)
         if query_positions is None:
             q = apply_rope(q, base=cfg.rope_base)
         else:
             q = apply_rope(take_rows(q, query_positions), base=cfg.rope_base, positions=query_positions)
-            x = take_rows(x, query_positions)
         k = apply_rope(k.reshape(batch, seq_len, kv_heads, head_dim), base=cfg.rope_base)
         v = v.reshape(batch, seq_len, kv_heads, head_dim)
 
@@ -95,8 +150,6 @@ class BlossomAttention(nn.Module):
             "w2": self.param("k_compress_3_kernel", init, (width, head_dim)),
             "b2": self.param("k_compress_3_bias", nn.initializers.zeros, (head_dim,)),
         }
-        gate_logits = nn.Dense(2 * heads, kernel_init=init, bias_init=nn.initializers.zeros,
-                               dtype=self.dtype, name="to_strategy_combine")(x)
         gates = jax.nn.sigmoid(gate_logits.astype(jnp.float32)).astype(q.dtype)
         rows = q.shape[1]
         gates = gates.reshape(batch, rows, heads, 2)

@@ -138,6 +138,21 @@ def encode_selection(selected_blocks, kept, valid, *, seq_len: int, block_size: 
     return sel_enc, lax.stop_gradient(valid.astype(jnp.int32))
 
 
+def load_select(ref_view, mask, other=0.0):
+    """``ref_view`` (a ``ref.at[...]`` whose indices are all in range) loaded unpredicated, then ``other`` where
+    ``mask`` (broadcastable to the loaded shape) is False, by select (a NaN behind the mask cannot leak).
+
+    A predicated ``plgpu.load(..., mask=mask)`` whose mask comes from another load (validity flags) has to wait
+    for that load. This form takes the wait off the chain, but it loads the masked-out rows too. Measured on an
+    H100 (layer device profile at N = 1k / 4k / 32k, benchmarks/results/gpu_call43_2026-11-27): it helps the STIS
+    dq kernel's per-offset key tiles (small [BQ, d] loads shared by the G heads, latency-bound; -5 %) and hurts
+    everywhere the masked-out rows are real traffic or the tile feeds a ``dot``: the STIS dk/dv query tiles
+    (+4 %), the LTIS forward / dQ / dK,dV (+30 / +60 / +20 %) and the gated kernels at 32k (+15-70 %). Those
+    keep predicated loads."""
+    x = plgpu.load(ref_view)
+    return jnp.where(mask, x, jnp.asarray(other, x.dtype))
+
+
 class Rows:
     """Packed-row bookkeeping of a program that owns BQ consecutive queries of one kv group: row
     r = (query q0 + r // G, head r % G), which is the memory order of ``q[b, q0:q0+BQ, h*G:(h+1)*G, :]``.

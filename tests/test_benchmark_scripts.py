@@ -255,7 +255,12 @@ def test_kernel_benchmark_helpers():
     with pytest.raises(RuntimeError), overrides.applied("stis_gpu.NUM_WARPS=8"):
         raise RuntimeError("restored on errors too")
     assert stis_gpu.NUM_WARPS == saved[1]
-    for bad in ("ltis_gpu.NOPE=1", "ltis_gpu._LOG2E=1", "ATTN_ROWS=2", "nomodule.X=1", "ltis_gpu.ATTN_ROWS"):
+    unroll = stis_gpu.UNROLL
+    with overrides.applied(f"stis_gpu.UNROLL={int(not unroll)}") as applied:
+        assert applied == {"stis_gpu.UNROLL": (not unroll)} and stis_gpu.UNROLL is (not unroll)
+    assert stis_gpu.UNROLL is unroll
+    for bad in ("ltis_gpu.NOPE=1", "ltis_gpu._LOG2E=1", "ATTN_ROWS=2", "nomodule.X=1", "ltis_gpu.ATTN_ROWS",
+                "stis_gpu.UNROLL=2"):
         with pytest.raises((ValueError, ModuleNotFoundError)):
             overrides.apply(bad)
     kernels_ltis = _load("kernels_ltis")

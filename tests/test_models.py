@@ -9,7 +9,7 @@ import pytest
 
 from blossom_jax import AttentionConfig, ModelConfig, apply_rope
 from blossom_jax.interop import load_reference_state_dict, to_reference_state_dict
-from blossom_jax.models import SequentialRecommender, embedding_lookup, place_mask_token
+from blossom_jax.models import SequentialRecommender, embedding_lookup, place_mask_token, split_last_axis
 from conftest import shared_path
 
 SMALL = dict(num_items=40, max_len=37, hidden_size=32, inner_size=64, num_layers=2,
@@ -156,6 +156,26 @@ def test_embedding_lookup_gradient_equals_take():
     np.testing.assert_allclose(grad[0], 2 * table[0] * 7, rtol=1e-6)  # seven padding positions
     np.testing.assert_allclose(grad[3], 2 * table[3] * 3, rtol=1e-6)
     assert float(jnp.abs(grad[2]).sum()) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_split_last_axis_matches_jnp_split(dtype):
+    """The split's concatenating VJP against autodiff of jnp.split, bitwise, including a piece whose cotangent is
+    zero because it is unused."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 5, 13)), dtype)
+    sizes = (8, 2, 2, 1)
+    weights = [jnp.asarray(rng.normal(size=(size,)), dtype) for size in sizes]
+
+    def loss(pieces):
+        return sum(jnp.sum(piece * w) for piece, w in zip(pieces[:3], weights))  # the last piece unused
+
+    got = jax.grad(lambda y: loss(split_last_axis(y, sizes)))(x)
+    want = jax.grad(lambda y: loss(jnp.split(y, [8, 10, 12], axis=-1)))(x)
+    assert got.dtype == dtype and bool(jnp.array_equal(got, want))
+    assert bool(jnp.all(got[..., 12:] == 0)) and bool(jnp.any(got[..., :12] != 0))
+    for piece, want_piece in zip(split_last_axis(x, sizes), jnp.split(x, [8, 10, 12], axis=-1)):
+        assert bool(jnp.array_equal(piece, want_piece))
 
 
 def test_dropout_changes_training_outputs_only():

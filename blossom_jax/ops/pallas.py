@@ -168,7 +168,4 @@ def blossom_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, gates: ja
                                   mask_padded_block_keys=config.mask_padded_block_keys, interpret=interpret)
         o_stis = kernels.stis(q, k, v, valid, causal=config.causal, window=config.window, sink=config.sink,
                               interpret=interpret)
-    gates = gates.astype(jnp.float32)
-    out = gates[..., 0:1] * o_ltis.astype(jnp.float32) + gates[..., 1:2] * o_stis.astype(jnp.float32)
-    out = jnp.where(valid[:, :, None, None], out, 0.0)
-    return out.astype(q.dtype)
+    return common.gate_mix(o_ltis, o_stis, gates, valid).astype(q.dtype)
