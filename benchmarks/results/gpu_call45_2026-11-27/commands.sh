@@ -1,7 +1,7 @@
 #!/bin/bash
 # call 45: working tree (STIS forward / dq loads by select, gate mix VJP, to_qkv + to_strategy_combine as one matmul)
 # against HEAD 17f0580 (separate process, same machine): device profile at 1k / 4k / 32k with checks at 300 / 1k /
-# 4k / 8k; optimized HLO at 1k
+# 4k / 8k; optimized HLO at 1k (first form of benchmarks/hlo_dump.py)
 export PYTHONUNBUFFERED=1
 L=$OUT/logs; mkdir -p $L
 T0=$(date +%s)
