@@ -342,8 +342,8 @@ def test_hlo_dump_writes_the_optimized_gradient(tmp_path):
     """hlo_dump.py compiles the layer's gradient at a small shape and writes its optimized HLO; bad shapes fail."""
     hlo = _load("hlo_dump")
     out = tmp_path / "hlo.txt"
-    hlo.main(["--impl", "blossom-xla", "--length", "40", "--tokens", "80", "--out", str(out)])
+    hlo.main(["--impl", "dense-xla", "--length", "40", "--tokens", "80", "--out", str(out)])
     text = out.read_text()
     assert "ENTRY" in text and "bf16[2,40,128]" in text
     with pytest.raises(ValueError, match="length"):
-        hlo.optimized_hlo("blossom-xla", 100, 50)
+        hlo.optimized_hlo("dense-xla", 100, 50)
