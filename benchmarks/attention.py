@@ -5,7 +5,8 @@ TOKENS tokens per batch (B = TOKENS / N). Before any timing, every implementatio
 dense-mask reference (or the xla path where the reference is too large) on fresh random inputs, outputs and
 gradients. Timings: medians of --iters calls after --warmup calls, each call on a fresh input from a small
 rotating pool, synchronised with block_until_ready (per-call latency); with --pipelined also the throughput
-per call of --iters calls dispatched back to back (median of 5 rounds), which is what a training loop sees.
+per call of --iters calls dispatched back to back (median of 5 rounds), which is what a training loop sees, and
+the host's dispatch time per call within it (how long the calls took to return to Python).
 Peak memory: XLA's compiled memory analysis (arguments + outputs + temporaries) of the jitted function.
 ``--profile`` also traces a few forward+backward calls per row and splits their device time by kernel (each
 Pallas kernel by name, cuDNN, XLA's sort, the other XLA ops of the forward and of the backward), with XLA's
@@ -177,16 +178,21 @@ def time_fn(fn, arg_sets, warmup, iters):
 
 def time_pipelined(fn, arg_sets, iters, rounds=5):
     """Throughput per call: the median over ``rounds`` of (time of ``iters`` calls dispatched back to back with
-    one ``block_until_ready`` at the end, as a training loop runs them) / ``iters``."""
+    one ``block_until_ready`` at the end, as a training loop runs them) / ``iters``.
+
+    Returns (throughput ms, host dispatch ms) per call, the second the median time until the ``iters`` calls had
+    returned to Python (XLA's GPU runtime launches a call's kernels on the calling thread): where it is close to
+    the throughput, the host's launches and not the device bound the rate."""
     jax.block_until_ready(fn(*arg_sets[0]))
-    per_call = []
+    per_call, dispatch = [], []
     for _ in range(rounds):
         start = time.perf_counter()
         outs = [fn(*arg_sets[i % len(arg_sets)]) for i in range(iters)]
+        dispatch.append((time.perf_counter() - start) * 1e3 / iters)
         jax.block_until_ready(outs)
         per_call.append((time.perf_counter() - start) * 1e3 / iters)
         del outs
-    return statistics.median(per_call)
+    return statistics.median(per_call), statistics.median(dispatch)
 
 
 #: ``--command-buffers``: XLA compiler options per mode. "off" compiles without XLA's GPU command buffers (CUDA
@@ -238,7 +244,8 @@ def bench(impls, seq_lens, tokens, warmup, iters, seed, out_path=None, profile=F
     """Times every impl (each blossom impl under each of ``variants``, see :func:`runs`) at every length.
     ``command_buffers``: modes of COMMAND_BUFFER_MODES, each compiled and timed in turn (keys of modes other
     than "default" carry the suffix ``_cb_<mode>``); ``pipelined``: also the back-to-back throughput per call
-    (``*_pipelined_ms``); ``keep_trace``: with ``profile``, a folder for the raw traces (one per row)."""
+    (``*_pipelined_ms``) and the host's dispatch time per call (``*_dispatch_ms``); ``keep_trace``: with
+    ``profile``, a folder for the raw traces (one per row)."""
     rows = []
     for seq_len in seq_lens:
         batch = max(1, tokens // seq_len)
@@ -281,7 +288,8 @@ def _time_row(row, f, g, params, pool, warmup, iters, command_buffers, pipelined
         row[f"fwd_ms{suffix}"], row[f"fwd_min_ms{suffix}"] = time_fn(f_compiled, fwd_args, warmup, iters)
         row[f"fwdbwd_ms{suffix}"], row[f"fwdbwd_min_ms{suffix}"] = time_fn(g_compiled, fwdbwd_args, warmup, iters)
         if pipelined:
-            row[f"fwdbwd_pipelined_ms{suffix}"] = time_pipelined(g_compiled, fwdbwd_args, iters)
+            row[f"fwdbwd_pipelined_ms{suffix}"], row[f"fwdbwd_dispatch_ms{suffix}"] = time_pipelined(
+                g_compiled, fwdbwd_args, iters)
     return g_compiled
 
 
@@ -311,7 +319,8 @@ def main(argv=None):
     parser.add_argument("--keep-trace", default=None, metavar="DIR",
                         help="with --profile: keep each row's raw jax.profiler trace under DIR")
     parser.add_argument("--pipelined", action="store_true",
-                        help="also time forward+backward calls dispatched back to back (throughput per call)")
+                        help="also time forward+backward calls dispatched back to back (throughput and host "
+                             "dispatch time per call)")
     parser.add_argument("--out", default=None, help="JSON results file")
     args = parser.parse_args(argv)
     kernel_overrides = overrides.apply(args.set)
@@ -339,7 +348,8 @@ def main(argv=None):
         print(f"{row['impl']:<18}{row['N']:>7}{row['B']:>6}{row.get('fwd_ms', float('nan')):>9.3f}"
               f"{row.get('fwdbwd_ms', float('nan')):>9.3f}{row.get('fwdbwd_peak_mb', float('nan')):>9.0f}"
               f"  {row.get('variant', '')} {row.get('error', '')[:60]}")
-    extra = [key for key in ("fwdbwd_ms_cb_off", "fwdbwd_pipelined_ms", "fwdbwd_pipelined_ms_cb_off")
+    extra = [key for key in ("fwdbwd_ms_cb_off", "fwdbwd_pipelined_ms", "fwdbwd_dispatch_ms",
+                             "fwdbwd_pipelined_ms_cb_off", "fwdbwd_dispatch_ms_cb_off")
              if any(key in row for row in timings)]
     if extra:
         print(f"\n{'impl':<18}{'N':>7}" + "".join(f"{key:>28}" for key in extra))

@@ -16,6 +16,11 @@ import pytest
 
 from blossom_jax.ops.common import compress_param_shapes
 
+# The suite is dominated by XLA compiling many small programs on the CPU, not by running them: without the
+# backend's optimisation passes it takes ~30 % less time (measured on 28 of the slowest tests: 266 -> 187 s on two
+# cores, the same results). What is checked is unaffected: outputs against oracles, lowering, AOT compilation.
+jax.config.update("jax_disable_most_optimizations", True)
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("BLOSSOM_SHARED", REPO_ROOT.parent / "shared"))
 

@@ -285,8 +285,10 @@ def test_attention_benchmark_modes(tmp_path):
     [row] = json.loads(out.read_text())["timings"]
     assert row["impl"] == "xla" and row["N"] == 32 and row["B"] == 2 and "error" not in row
     for key in ("fwd_ms", "fwdbwd_ms", "fwdbwd_pipelined_ms", "fwd_ms_cb_off", "fwdbwd_ms_cb_off",
-                "fwdbwd_pipelined_ms_cb_off"):
+                "fwdbwd_pipelined_ms_cb_off", "fwdbwd_dispatch_ms", "fwdbwd_dispatch_ms_cb_off"):
         assert row[key] > 0, key
+    for suffix in ("", "_cb_off"):  # the dispatch is part of the throughput's time
+        assert row[f"fwdbwd_dispatch_ms{suffix}"] <= row[f"fwdbwd_pipelined_ms{suffix}"]
 
 
 def test_call_spans_split_synchronised_calls():
