@@ -8,6 +8,11 @@ import pathlib
 # pytest-xdist workers each load libtpu (TPU AOT tests); without this, the second one fails on libtpu's
 # single-process lockfile. Must be set before libtpu initialises.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# The suite is dominated by XLA compiling many small programs on the CPU, not by running them: without the
+# backend's optimisation passes it takes ~30 % less time (measured on 28 of the slowest tests: 266 -> 187 s on two
+# cores, the same results). What is checked is unaffected: outputs against oracles, lowering, AOT compilation.
+# Through the environment so that the tests' subprocesses (CLI, reproduce, sharding) inherit it.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +21,17 @@ import pytest
 
 from blossom_jax.ops.common import compress_param_shapes
 
-# The suite is dominated by XLA compiling many small programs on the CPU, not by running them: without the
-# backend's optimisation passes it takes ~30 % less time (measured on 28 of the slowest tests: 266 -> 187 s on two
-# cores, the same results). What is checked is unaffected: outputs against oracles, lowering, AOT compilation.
-jax.config.update("jax_disable_most_optimizations", True)
+if os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() in ("1", "true", "yes", "on"):
+    jax.config.update("jax_disable_most_optimizations", True)  # in case a plugin imported jax before this file
+
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` (half a minute or more on a CI core) run first. With ``--maxschedchunk=1``
+    (pyproject) pytest-xdist hands tests out one at a time, so the workers take the long ones first and
+    finish together instead of one of them ending the run alone on a long test collected last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
+
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("BLOSSOM_SHARED", REPO_ROOT.parent / "shared"))

@@ -47,7 +47,7 @@ def assert_matches_reference(config, batch, seq_len, *, dtype=jnp.float32, seed=
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("seq_len", [1, 5, 15, 16, 17, 50, 64, 200, 257])
+@pytest.mark.parametrize("seq_len", [1, 15, 16, 17, 50, 200, 257])
 def test_xla_matches_reference_lengths(causal, seq_len):
     # query_chunk 64 makes N >= 65 run through several lax.map chunks.
     config = AttentionConfig(causal=causal, query_chunk=64)

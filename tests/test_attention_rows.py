@@ -87,6 +87,7 @@ def test_rows_match_reference_gqa_groups(num_heads, num_kv_heads):
         assert_rows_match_reference(config, batch=2, seq_len=70, seed=num_heads * 10 + num_kv_heads)
 
 
+@pytest.mark.slow
 def test_rows_options_and_bfloat16():
     for causal in (True, False):
         assert_rows_match_reference(AttentionConfig(causal=causal, straight_through=True), 2, 90, seed=3)

@@ -88,6 +88,7 @@ def test_long_sequences_parsing_and_batches():
     assert long.is_oom("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
 
 
+@pytest.mark.slow
 def test_long_sequences_end_to_end(tmp_path):
     long = _load("long_sequences")
     data = _write_seq_file(tmp_path / "seq.txt")
@@ -141,6 +142,7 @@ def test_reproduce_objectives_and_device_queues():
     assert child == ["--max-epochs", "3", "--only", "a,b", "--out", "O", "--work-dir", "W"]
 
 
+@pytest.mark.slow
 def test_reproduce_on_two_devices_merges_children(tmp_path):
     """--devices 2 on a CPU with two host devices: two child processes, one merged summary and tarball."""
     import os
@@ -193,6 +195,7 @@ def test_summarize_reproduce_merges_seeds(tmp_path):
     assert "0.6100±0.0141" in text and "12 (capped, best 9)" in text
 
 
+@pytest.mark.slow
 def test_train_step_profile_attributes_device_time(tmp_path, monkeypatch):
     """--profile on CPU: the traced ops are attributed to model components through their name stacks."""
     monkeypatch.setenv("XLA_FLAGS", "")  # --profile appends to it; restored after the test

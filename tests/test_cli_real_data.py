@@ -18,6 +18,7 @@ SMALL = ["--hidden-size", "32", "--inner-size", "64", "--num-layers", "1", "--nu
 
 @pytest.mark.parametrize("relative,protocol,other", [("ml-100k/ml-100k_seq.txt", "uni100", "full"),
                                                       ("lastfm/LastFM.txt", "full", "uni100")])
+@pytest.mark.slow
 def test_cli_trains_early_stops_and_evaluates_real_data(relative, protocol, other, tmp_path, capsys):
     data = str(shared_path(f"data/{relative}"))
     run_dir = str(tmp_path / "run")

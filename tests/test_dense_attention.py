@@ -126,6 +126,7 @@ def _model_and_batch(causal, dtype, impl, seq_len=37, batch=6, seed=0):
     return SequentialRecommender(config), batch_dict
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("impl", ["xla", "auto"])
 def test_model_equals_boolean_mask_model(causal, impl):

@@ -51,6 +51,7 @@ def test_rope_matches_formula(per_row_positions, dtype):
     np.testing.assert_allclose(out[..., 1::2], x[..., 1::2] * cos + x[..., 0::2] * sin, atol=atol)
 
 
+@pytest.mark.slow
 def test_conformance_with_reference_release():
     data = np.load(shared_path("conformance/reference_full_len64.npz"))
     state = {name[len("param/"):]: data[name] for name in data.files if name.startswith("param/")}
@@ -66,6 +67,7 @@ def test_conformance_with_reference_release():
                                    atol=1e-4)
 
 
+@pytest.mark.slow
 def test_interop_round_trip_and_errors():
     config = ModelConfig(**SMALL)
     model, variables, seq, lengths = _init(config)
@@ -118,6 +120,7 @@ def test_causal_prefix_property_and_call(attention):
     np.testing.assert_allclose(logits, model.apply(variables, users, method="item_logits"), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["blossom", "dense"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_last_layer_rows_equals_full_last_layer(attention, causal):

@@ -173,6 +173,7 @@ STIS_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("b,n,h,hk,dtype,causal,lens,block_rows", STIS_CASES)
 def test_stis_interpret(race_states, b, n, h, hk, dtype, causal, lens, block_rows):
     d = 16
@@ -196,6 +197,7 @@ LTIS_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("b,n,h,hk,dtype,causal,lens,mask_padded,block_rows", LTIS_CASES)
 def test_ltis_interpret(race_states, b, n, h, hk, dtype, causal, lens, mask_padded, block_rows):
     d, bsz, n_sel = 16, 16, 4

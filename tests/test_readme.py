@@ -19,6 +19,7 @@ def test_readme_has_python_blocks():
     assert len(_python_blocks()) >= 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(_python_blocks())))
 def test_readme_python_block_runs(index, monkeypatch):
     block = _python_blocks()[index]

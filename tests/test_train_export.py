@@ -6,6 +6,7 @@ import json
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from blossom_jax import serving
 from blossom_jax.models import SequentialRecommender
@@ -15,6 +16,7 @@ from train.export import main as export_main
 from train.loop import fit
 
 
+@pytest.mark.slow
 def test_run_directory_exports_and_serves(tmp_path, capsys):
     run_dir, out = str(tmp_path / "run"), str(tmp_path / "export")
     cfg = TrainConfig(hidden_size=32, inner_size=64, num_layers=1, num_heads=2, num_kv_heads=1, max_len=20,

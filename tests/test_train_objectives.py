@@ -52,6 +52,7 @@ def test_all_positions_loss_equals_mean_of_prefix_losses(split, attention):
     np.testing.assert_allclose(float(all_pos), float(prefix), rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["blossom", "dense"])
 def test_masked_item_loss_rows_only_equals_full_last_layer(split, attention):
     """BERT4Rec's loss computes the last layer only at the masked positions; same value and gradient."""

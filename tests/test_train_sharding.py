@@ -48,6 +48,7 @@ def _run(tmp_path, devices: int) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+@pytest.mark.slow
 def test_four_devices_match_one(tmp_path):
     one, four = _run(tmp_path, 1), _run(tmp_path, 4)
     assert one["devices"] == 1 and four["devices"] == 4
