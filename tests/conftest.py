@@ -25,7 +25,6 @@ if os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() in ("1", "true", "yes", 
     jax.config.update("jax_disable_most_optimizations", True)  # in case a plugin imported jax before this file
 
 
-
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``slow`` (half a minute or more on a CI core) run first. With ``--maxschedchunk=1``
     (pyproject) pytest-xdist hands tests out one at a time, so the workers take the long ones first and
