@@ -72,7 +72,7 @@ class BlossomLayer:
 
     def init(self, key):
         x = jnp.zeros((1, 32, D), jnp.bfloat16)
-        params = self.module.init(key, x, jnp.ones((1, 32), jnp.bool_))["params"]
+        params = jax.jit(self.module.init)(key, x, jnp.ones((1, 32), jnp.bool_))["params"]  # one compilation
         # Random (not zero) intra-block positions so the selection is not degenerate.
         params["k_intrablock_positions"] = jax.random.normal(key, params["k_intrablock_positions"].shape) * 0.5
         return params

@@ -145,8 +145,8 @@ def run_config(attention, impl, dtype, seq_len, batch, warmup, iters, seed, prof
     model, optimizer, step, encoder_only, head_only, adam_only = build(cfg)
     rng = np.random.default_rng(seed)
     pool = [make_batch(rng, batch, seq_len) for _ in range(3)]
-    params = model.init(jax.random.key(seed), pool[0][0][:2], pool[0][1][:2])["params"]
-    opt_state = optimizer.init(params)
+    params = jax.jit(model.init)(jax.random.key(seed), pool[0][0][:2], pool[0][1][:2])["params"]  # one compile
+    opt_state = jax.jit(optimizer.init)(params)
     key = jax.random.key(seed + 1, impl=rng_impl)  # dropout key: its impl sets the RNG of every dropout mask
     row = dict(attention=attention, impl=impl, dtype=dtype, N=seq_len, B=batch, rng_impl=rng_impl,
                last_layer=last_layer)

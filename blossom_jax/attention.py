@@ -102,17 +102,35 @@ def blossom_attention(
       impl: "auto" | "reference" (dense masks, N <= 4096) | "xla" (sparse gathers) | "pallas" (kernels).
     Returns:
       [B, N, H, d] in q's dtype; 0 at invalid query positions. Softmax and accumulation in float32.
+
+    Called outside ``jax.jit``, the chosen implementation still runs as one compiled program (one
+    compilation per shape and config); the inputs are checked before it.
     """
     if causal is not None and causal != config.causal:
         config = config.replace(causal=causal)
     _check_inputs(q, k, v, gates, compress_params, valid, config)
     if valid is None:
         valid = jnp.ones(q.shape[:2], jnp.bool_)
-    chosen = resolve_impl(impl, q.shape[1], config)
+    args = (q, k, v, gates, compress_params, valid)
+    return _eager_as_one_program(_blossom_attention_impl, args, config=config,
+                                 impl=resolve_impl(impl, q.shape[1], config))
+
+
+def _eager_as_one_program(fn, args, **static):
+    """``fn(*args, **static)``; called eagerly (a notebook, a script without jit), as one jitted program
+    instead of op by op (hundreds of small compilations: most of a minute on a CPU for the README's example).
+    Under a caller's trace ``fn`` runs inline as before, so the caller's program is unchanged and module-level
+    kernel settings changed between traces (benchmark variants, tests) are never served from a stale cache."""
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
+        return fn(*args, **static)
+    return _JITTED[fn](*args, **static)
+
+
+def _blossom_attention_impl(q, k, v, gates, compress_params, valid, *, config: AttentionConfig, impl: str):
     args = (q, k, v, gates, compress_params, valid, config)
-    if chosen == "reference":
+    if impl == "reference":
         return reference.blossom_attention_reference(*args)
-    if chosen == "xla":
+    if impl == "xla":
         return xla.blossom_attention_xla(*args)
     from blossom_jax.ops import pallas
 
@@ -148,7 +166,8 @@ def blossom_attention_rows(
       causal: overrides ``config.causal`` when given.
       config: the attention knobs.
     Returns:
-      [B, Q, H, d] in q's dtype; 0 where the query position is not valid.
+      [B, Q, H, d] in q's dtype; 0 where the query position is not valid. Compiled as one program when
+      called eagerly, as ``blossom_attention``.
     """
     if causal is not None and causal != config.causal:
         config = config.replace(causal=causal)
@@ -167,5 +186,14 @@ def blossom_attention_rows(
             raise ValueError(f"query_positions must lie in [0, {k.shape[1] - 1}], got values in [{low}, {high}]")
     if valid is None:
         valid = jnp.ones(k.shape[:2], jnp.bool_)
-    return xla.blossom_attention_rows_xla(q, k, v, gates, compress_params, valid,
-                                          query_positions.astype(jnp.int32), config)
+    args = (q, k, v, gates, compress_params, valid, query_positions.astype(jnp.int32))
+    return _eager_as_one_program(_blossom_attention_rows_impl, args, config=config)
+
+
+def _blossom_attention_rows_impl(q, k, v, gates, compress_params, valid, query_positions, *,
+                                 config: AttentionConfig):
+    return xla.blossom_attention_rows_xla(q, k, v, gates, compress_params, valid, query_positions, config)
+
+
+_JITTED = {_blossom_attention_impl: jax.jit(_blossom_attention_impl, static_argnames=("config", "impl")),
+           _blossom_attention_rows_impl: jax.jit(_blossom_attention_rows_impl, static_argnames=("config",))}

@@ -11,6 +11,9 @@ import pytest
 from conftest import shared_path
 from train.cli import eval_main, train_main
 
+# Two epochs over ~100k interactions: more running than compiling, faster with XLA's optimisations (~1.5x).
+pytestmark = pytest.mark.usefixtures("xla_optimizations")
+
 SMALL = ["--hidden-size", "32", "--inner-size", "64", "--num-layers", "1", "--num-heads", "2",
          "--num-kv-heads", "1", "--max-len", "20", "--batch-size", "1024", "--attention-impl", "xla",
          "--no-progress", "--no-tensorboard"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +31,13 @@ def _batch(rng, config, batch=4):
 def _init(config, seed=0):
     model = SequentialRecommender(config)
     seq, lengths = _batch(np.random.default_rng(seed), config)
-    return model, model.init(jax.random.key(seed), seq, lengths), seq, lengths
+    return model, jax.jit(model.init)(jax.random.key(seed), seq, lengths), seq, lengths
+
+
+def _jitted(model, method="__call__"):
+    """model.apply(variables, *args, method=method) compiled as one program (op by op, each op would compile on
+    its own: several times slower on the CPU)."""
+    return jax.jit(functools.partial(model.apply, method=method))
 
 
 @pytest.mark.parametrize("per_row_positions", [False, True])
@@ -60,11 +68,8 @@ def test_conformance_with_reference_release():
     for impl in ("reference", "xla"):
         model, variables = load_reference_state_dict(state, max_len=int(data["max_len"]), attention_impl=impl)
         assert model.config.num_items + 1 == int(data["n_items"])
-        np.testing.assert_allclose(model.apply(variables, seq, lengths), data["seq_output"], atol=1e-4)
-        np.testing.assert_allclose(model.apply(variables, seq, lengths, method="encode"), data["hidden"],
-                                   atol=1e-4)
-        np.testing.assert_allclose(model.apply(variables, seq, lengths, method="score"), data["scores"],
-                                   atol=1e-4)
+        for method, want in (("__call__", "seq_output"), ("encode", "hidden"), ("score", "scores")):
+            np.testing.assert_allclose(_jitted(model, method)(variables, seq, lengths), data[want], atol=1e-4)
 
 
 @pytest.mark.slow
@@ -76,7 +81,7 @@ def test_interop_round_trip_and_errors():
     loaded, loaded_vars = load_reference_state_dict(state, max_len=config.max_len,
                                                     attention_impl="xla", attn={"compress_stride": 16})
     assert loaded.config.attn == config.attn
-    np.testing.assert_array_equal(loaded.apply(loaded_vars, seq, lengths), model.apply(variables, seq, lengths))
+    np.testing.assert_array_equal(_jitted(loaded)(loaded_vars, seq, lengths), _jitted(model)(variables, seq, lengths))
     missing = dict(state)
     del missing["trm_encoder.layer.1.feed_forward.dense_2.bias"]
     with pytest.raises(KeyError, match="dense_2.bias"):
@@ -144,12 +149,14 @@ def test_last_layer_rows_equals_full_last_layer(attention, causal):
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads)):
         np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-4)
     positions = jnp.asarray(np.random.default_rng(3).integers(0, config.max_len, size=(seq.shape[0], 5)))
-    rows = model.apply(variables, seq, lengths, method="encode", query_positions=positions)
-    hidden = model.apply(variables, seq, lengths, method="encode")
+    encode = _jitted(model, "encode")
+    rows = encode(variables, seq, lengths, query_positions=positions)
+    hidden = encode(variables, seq, lengths)
     np.testing.assert_allclose(rows, hidden[jnp.arange(seq.shape[0])[:, None], positions], atol=1e-5)
     # Training mode (dropout, and the dense model's attention-probability dropout) runs on the rows path.
     train = SequentialRecommender(config.replace(dropout=0.2, attention_dropout=0.2))
-    users = train.apply(variables, seq, lengths, deterministic=False, rngs={"dropout": jax.random.key(0)})
+    users = jax.jit(functools.partial(train.apply, deterministic=False))(variables, seq, lengths,
+                                                                         rngs={"dropout": jax.random.key(0)})
     assert users.shape == (seq.shape[0], config.hidden_size) and bool(jnp.all(jnp.isfinite(users)))
 
 
@@ -237,7 +244,7 @@ def test_model_gradients_are_finite_and_reach_attention():
         logits = model.apply({"params": params}, seq, lengths, method="score")
         return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[:, 1])
 
-    grads = jax.grad(loss)(variables["params"])
+    grads = jax.jit(jax.grad(loss))(variables["params"])
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
     attn = grads["layer_0"]["blossom_attention"]
     assert float(jnp.abs(attn["to_qkv"]["kernel"]).sum()) > 0
