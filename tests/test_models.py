@@ -14,6 +14,15 @@ from blossom_jax.interop import load_reference_state_dict, to_reference_state_di
 from blossom_jax.models import SequentialRecommender, embedding_lookup, place_mask_token, split_last_axis
 from conftest import shared_path
 
+
+@pytest.fixture(autouse=True)
+def _float32_products():
+    """IEEE float32 products: the float32 comparisons here (1e-5 and tighter) hold on GPUs too, whose float32
+    matmuls default to TF32 (on the CPU this changes nothing)."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 SMALL = dict(num_items=40, max_len=37, hidden_size=32, inner_size=64, num_layers=2,
              attn=AttentionConfig(num_heads=2, num_kv_heads=1, head_dim=16), attention_impl="xla")
 
