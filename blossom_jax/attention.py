@@ -120,7 +120,8 @@ def _eager_as_one_program(fn, args, **static):
     """``fn(*args, **static)``; called eagerly (a notebook, a script without jit), as one jitted program
     instead of op by op (hundreds of small compilations: most of a minute on a CPU for the README's example).
     Under a caller's trace ``fn`` runs inline as before, so the caller's program is unchanged and module-level
-    kernel settings changed between traces (benchmark variants, tests) are never served from a stale cache."""
+    kernel settings changed between traces (benchmark variants, tests) take effect. Eager calls are cached per
+    shape and config: after changing such a setting, ``jax.clear_caches()`` before the next eager call."""
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
         return fn(*args, **static)
     return _JITTED[fn](*args, **static)
