@@ -126,7 +126,9 @@ class Recommender:
           item_seq_len: int [B], 1 <= len <= N.
           k: how many items (<= the exported top_k; default the exported top_k).
           exclude_history: drop items already in the (truncated) history.
-          platform: "cpu" | "cuda" | "tpu"; default the running jax backend.
+          platform: "cpu" | "cuda" | "tpu" (that platform's function, on its default device). Default: the
+            running jax backend's function if the export has one, else the CPU function on the host's CPU
+            device (``blossom-export``'s default export, served on a GPU or TPU host).
         Returns:
           (item_ids int32 [B, k], scores float32 [B, k]) best first; padding id 0 never appears.
         """
@@ -137,13 +139,32 @@ class Recommender:
             raise ValueError(f"k must be in [1, {self.top_k}] (the exported top_k), got {k}")
         seq, lengths = self._prepare(item_seq, item_seq_len)
         if platform is None:
-            platform = {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())
+            platform = default_platform(jax.default_backend(), self.platforms)
         key = (platform, bool(exclude_history))
         if key not in self._functions:
             raise ValueError(f"this export has no function for platform {platform!r} "
                              f"(exported: {self.platforms})")
-        item_ids, scores = self._functions[key].call(self.params, seq, lengths)
+        try:
+            device = jax.devices(_BACKENDS.get(platform, platform))[0]
+        except RuntimeError as error:
+            raise ValueError(f"platform {platform!r} has no device on this host ({error})") from error
+        with jax.default_device(device):
+            item_ids, scores = self._functions[key].call(self.params, seq, lengths)
         return np.asarray(item_ids)[:, :k], np.asarray(scores)[:, :k]
+
+
+_PLATFORMS = {"gpu": "cuda"}  # jax backend name -> jax.export platform name
+_BACKENDS = {platform: backend for backend, platform in _PLATFORMS.items()}
+
+
+def default_platform(backend: str, exported: Sequence[str]) -> str:
+    """The export platform ``recommend`` uses by default on a host whose jax backend is ``backend`` ("cpu",
+    "gpu", "tpu"): that backend's own platform when exported, else "cpu" when exported (any host has a CPU
+    device), else the backend's platform (``recommend`` then raises, naming the exported platforms)."""
+    own = _PLATFORMS.get(backend, backend)
+    if own not in exported and "cpu" in exported:
+        return "cpu"
+    return own
 
 
 def load(directory: str | pathlib.Path) -> Recommender:

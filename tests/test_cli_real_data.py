@@ -19,11 +19,12 @@ SMALL = ["--hidden-size", "32", "--inner-size", "64", "--num-layers", "1", "--nu
          "--no-progress", "--no-tensorboard"]
 
 
-@pytest.mark.parametrize("relative,protocol,other", [("ml-100k/ml-100k_seq.txt", "uni100", "full"),
-                                                      ("lastfm/LastFM.txt", "full", "uni100")])
+# One dataset (the readers of the others are tested in tests/test_data.py); both protocols: uni100 while training,
+# full ranking when blossom-eval re-evaluates the run.
 @pytest.mark.slow
-def test_cli_trains_early_stops_and_evaluates_real_data(relative, protocol, other, tmp_path, capsys):
-    data = str(shared_path(f"data/{relative}"))
+def test_cli_trains_early_stops_and_evaluates_real_data(tmp_path, capsys):
+    protocol, other = "uni100", "full"
+    data = str(shared_path("data/ml-100k/ml-100k_seq.txt"))
     run_dir = str(tmp_path / "run")
     # patience 1 with lr 1e-12 (Adam steps below float32 resolution: the ranking never changes): early stopping after epoch 2.
     argv = SMALL + ["--data", data, "--out", run_dir, "--eval-protocol", protocol, "--epochs", "6",

@@ -3,8 +3,6 @@ the boolean-mask formulation it replaced, outputs and gradients, causal and bidi
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +11,7 @@ import pytest
 from blossom_jax import AttentionConfig, ModelConfig
 from blossom_jax.models import SequentialRecommender, dense_attention, dense_impl, key_lengths
 from blossom_jax.ops import pallas
-from conftest import random_lengths
+from conftest import jitted_apply, random_lengths
 from train.objectives import masked_item_loss, next_item_ce_loss
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -137,8 +135,8 @@ def test_model_equals_boolean_mask_model(causal):
     ref_model, batch = _model_and_batch(causal, "float32", "reference")
     model, _ = _model_and_batch(causal, "float32", "xla")
     variables = jax.jit(ref_model.init)(jax.random.key(0), batch["seq"], batch["len"])
-    for method in ("encode", "score", "__call__"):  # jitted: op by op, each op would compile on its own
-        apply, ref_apply = (jax.jit(functools.partial(m.apply, method=method)) for m in (model, ref_model))
+    for method in ("encode", "score", "__call__"):
+        apply, ref_apply = (jitted_apply(m, method) for m in (model, ref_model))
         np.testing.assert_allclose(apply(variables, batch["seq"], batch["len"]),
                                    ref_apply(variables, batch["seq"], batch["len"]), atol=2e-5, rtol=2e-5)
     if causal:
@@ -160,8 +158,8 @@ def test_model_equals_boolean_mask_model(causal):
 def test_model_bfloat16_auto_close_to_boolean_mask(causal):
     ref_model, batch = _model_and_batch(causal, "bfloat16", "reference")
     model, _ = _model_and_batch(causal, "bfloat16", "auto")
-    variables = ref_model.init(jax.random.key(0), batch["seq"], batch["len"])
-    out = model.apply(variables, batch["seq"], batch["len"], method="score")
-    ref = ref_model.apply(variables, batch["seq"], batch["len"], method="score")
+    variables = jax.jit(ref_model.init)(jax.random.key(0), batch["seq"], batch["len"])
+    out = jitted_apply(model, "score")(variables, batch["seq"], batch["len"])
+    ref = jitted_apply(ref_model, "score")(variables, batch["seq"], batch["len"])
     assert np.all(np.isfinite(out))
     np.testing.assert_allclose(out, ref, atol=5e-2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,7 @@ import pytest
 from blossom_jax import AttentionConfig, ModelConfig, apply_rope
 from blossom_jax.interop import load_reference_state_dict, to_reference_state_dict
 from blossom_jax.models import SequentialRecommender, embedding_lookup, place_mask_token, split_last_axis
-from conftest import shared_path
+from conftest import jitted_apply, shared_path
 
 
 @pytest.fixture(autouse=True)
@@ -41,12 +40,6 @@ def _init(config, seed=0):
     model = SequentialRecommender(config)
     seq, lengths = _batch(np.random.default_rng(seed), config)
     return model, jax.jit(model.init)(jax.random.key(seed), seq, lengths), seq, lengths
-
-
-def _jitted(model, method="__call__"):
-    """model.apply(variables, *args, method=method) compiled as one program (op by op, each op would compile on
-    its own: several times slower on the CPU)."""
-    return jax.jit(functools.partial(model.apply, method=method))
 
 
 @pytest.mark.parametrize("per_row_positions", [False, True])
@@ -78,7 +71,7 @@ def test_conformance_with_reference_release():
         model, variables = load_reference_state_dict(state, max_len=int(data["max_len"]), attention_impl=impl)
         assert model.config.num_items + 1 == int(data["n_items"])
         for method, want in (("__call__", "seq_output"), ("encode", "hidden"), ("score", "scores")):
-            np.testing.assert_allclose(_jitted(model, method)(variables, seq, lengths), data[want], atol=1e-4)
+            np.testing.assert_allclose(jitted_apply(model, method)(variables, seq, lengths), data[want], atol=1e-4)
 
 
 @pytest.mark.slow
@@ -90,7 +83,7 @@ def test_interop_round_trip_and_errors():
     loaded, loaded_vars = load_reference_state_dict(state, max_len=config.max_len,
                                                     attention_impl="xla", attn={"compress_stride": 16})
     assert loaded.config.attn == config.attn
-    np.testing.assert_array_equal(_jitted(loaded)(loaded_vars, seq, lengths), _jitted(model)(variables, seq, lengths))
+    np.testing.assert_array_equal(jitted_apply(loaded)(loaded_vars, seq, lengths), jitted_apply(model)(variables, seq, lengths))
     missing = dict(state)
     del missing["trm_encoder.layer.1.feed_forward.dense_2.bias"]
     with pytest.raises(KeyError, match="dense_2.bias"):
@@ -120,16 +113,17 @@ def test_initialisation_follows_spec():
 def test_causal_prefix_property_and_call(attention):
     config = ModelConfig(**{**SMALL, "attention": attention})
     model, variables, seq, lengths = _init(config)
-    hidden = model.apply(variables, seq, lengths, method="encode")
-    users = model.apply(variables, seq, lengths)
+    encode, call, score = (jitted_apply(model, method) for method in ("encode", "__call__", "score"))
+    hidden = encode(variables, seq, lengths)
+    users = call(variables, seq, lengths)
     np.testing.assert_allclose(users, hidden[jnp.arange(4), lengths - 1], atol=1e-6)
     # Changing the items after position t leaves positions <= t unchanged (causality).
     t = 20
     changed = seq.at[0, t + 1:].set((seq[0, t + 1:] % config.num_items) + 1)
-    hidden_changed = model.apply(variables, changed, lengths, method="encode")
+    hidden_changed = encode(variables, changed, lengths)
     np.testing.assert_allclose(hidden_changed[0, : t + 1], hidden[0, : t + 1], atol=1e-5)
     assert not np.allclose(hidden_changed[0, t + 1:], hidden[0, t + 1:])
-    logits = model.apply(variables, seq, lengths, method="score")
+    logits = score(variables, seq, lengths)
     assert logits.shape == (4, config.num_items + 1)
     np.testing.assert_allclose(logits, model.apply(variables, users, method="item_logits"), atol=1e-5)
 
@@ -158,14 +152,13 @@ def test_last_layer_rows_equals_full_last_layer(attention, causal):
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads)):
         np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-4)
     positions = jnp.asarray(np.random.default_rng(3).integers(0, config.max_len, size=(seq.shape[0], 5)))
-    encode = _jitted(model, "encode")
+    encode = jitted_apply(model, "encode")
     rows = encode(variables, seq, lengths, query_positions=positions)
     hidden = encode(variables, seq, lengths)
     np.testing.assert_allclose(rows, hidden[jnp.arange(seq.shape[0])[:, None], positions], atol=1e-5)
     # Training mode (dropout, and the dense model's attention-probability dropout) runs on the rows path.
     train = SequentialRecommender(config.replace(dropout=0.2, attention_dropout=0.2))
-    users = jax.jit(functools.partial(train.apply, deterministic=False))(variables, seq, lengths,
-                                                                         rngs={"dropout": jax.random.key(0)})
+    users = jitted_apply(train, deterministic=False)(variables, seq, lengths, rngs={"dropout": jax.random.key(0)})
     assert users.shape == (seq.shape[0], config.hidden_size) and bool(jnp.all(jnp.isfinite(users)))
 
 
@@ -209,10 +202,11 @@ def test_split_last_axis_matches_jnp_split(dtype):
 def test_dropout_changes_training_outputs_only():
     config = ModelConfig(**SMALL)
     model, variables, seq, lengths = _init(config)
-    a = model.apply(variables, seq, lengths, deterministic=False, rngs={"dropout": jax.random.key(1)})
-    b = model.apply(variables, seq, lengths, deterministic=False, rngs={"dropout": jax.random.key(2)})
+    train, call = jitted_apply(model, deterministic=False), jitted_apply(model)
+    a = train(variables, seq, lengths, rngs={"dropout": jax.random.key(1)})
+    b = train(variables, seq, lengths, rngs={"dropout": jax.random.key(2)})
     assert not np.allclose(a, b)
-    np.testing.assert_array_equal(model.apply(variables, seq, lengths), model.apply(variables, seq, lengths))
+    np.testing.assert_array_equal(call(variables, seq, lengths), call(variables, seq, lengths))
 
 
 @pytest.mark.parametrize("attention", ["blossom", "dense"])
@@ -221,9 +215,10 @@ def test_bidirectional_model(attention):
     assert config.attn.causal is False and config.mask_token_id == 41
     model, variables, seq, lengths = _init(config)
     assert variables["params"]["item_embedding"]["embedding"].shape[0] == 42
-    users = model.apply(variables, seq, lengths)
+    encode = jitted_apply(model, "encode")
+    users = jitted_apply(model)(variables, seq, lengths)
     masked, position = place_mask_token(seq, lengths, config.mask_token_id)
-    hidden = model.apply(variables, masked, lengths, method="encode")
+    hidden = encode(variables, masked, lengths)
     np.testing.assert_allclose(users, hidden[jnp.arange(4), position], atol=1e-6)
     # A full row drops its oldest item; a short row gets the mask right after its last item.
     assert int(position[0]) == config.max_len - 1 and int(masked[0, -1]) == 41
@@ -231,16 +226,15 @@ def test_bidirectional_model(attention):
     assert int(position[1]) == 1 and int(masked[1, 1]) == 41 and int(masked[1, 0]) == int(seq[1, 0])
     # Bidirectional: a later item changes earlier hidden states.
     changed = seq.at[0, -3].set(seq[0, -3] % config.num_items + 1)
-    assert not np.allclose(model.apply(variables, changed, lengths, method="encode")[0, 0], hidden[0, 0])
+    assert not np.allclose(encode(variables, changed, lengths)[0, 0], hidden[0, 0])
 
 
 def test_bfloat16_compute_keeps_float32_params():
     config = ModelConfig(**{**SMALL, "compute_dtype": "bfloat16"})
     model, variables, seq, lengths = _init(config)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
-    logits = model.apply(variables, seq, lengths, method="score")
-    reference = ModelConfig(**SMALL)
-    logits_f32 = SequentialRecommender(reference).apply(variables, seq, lengths, method="score")
+    logits = jitted_apply(model, "score")(variables, seq, lengths)
+    logits_f32 = jitted_apply(SequentialRecommender(ModelConfig(**SMALL)), "score")(variables, seq, lengths)
     assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
     np.testing.assert_allclose(logits, logits_f32, atol=5e-2)
 

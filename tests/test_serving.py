@@ -14,6 +14,7 @@ import pytest
 from blossom_jax import AttentionConfig, ModelConfig, serving
 from blossom_jax.export import export_model
 from blossom_jax.models import SequentialRecommender
+from conftest import jitted_apply
 
 CONFIG = ModelConfig(num_items=60, max_len=24, hidden_size=32, inner_size=64, num_layers=1,
                      attn=AttentionConfig(num_heads=2, num_kv_heads=1), attention_impl="xla")
@@ -43,7 +44,7 @@ def test_served_top_k_equals_model_top_k(exported):
     assert recommender.platforms == ["cpu", "cuda", "tpu"]
     seq, lengths = _histories(np.random.default_rng(0), 5, CONFIG.max_len, CONFIG.num_items)
     ids, scores = recommender.recommend(seq, lengths)
-    logits = np.array(model.apply({"params": params}, jnp.asarray(seq), jnp.asarray(lengths), method="score"))
+    logits = np.array(jitted_apply(model, "score")({"params": params}, jnp.asarray(seq), jnp.asarray(lengths)))
     logits[:, 0] = -np.inf
     expected = np.argsort(-logits, axis=1, kind="stable")[:, :8]
     np.testing.assert_array_equal(ids, expected)
@@ -124,6 +125,22 @@ def test_tampered_or_partial_export_fails(exported, tmp_path):
         serving.load(other)
     with pytest.raises(serving.ExportError, match="not a blossom-jax export"):
         serving.load(tmp_path / "nothing")
+
+
+def test_default_platform_falls_back_to_the_cpu_function(exported):
+    """A GPU or TPU host serves blossom-export's default (CPU-only) export on its CPU device."""
+    assert serving.default_platform("gpu", ["cpu", "cuda"]) == "cuda"
+    assert serving.default_platform("gpu", ["cpu"]) == "cpu"
+    assert serving.default_platform("tpu", ["cpu", "tpu"]) == "tpu"
+    assert serving.default_platform("tpu", ["cuda"]) == "tpu"  # recommend() then names the exported platforms
+    assert serving.default_platform("cpu", ["cpu", "tpu"]) == "cpu"
+    recommender = serving.load(exported[2])
+    seq, lengths = _histories(np.random.default_rng(1), 2, CONFIG.max_len, CONFIG.num_items)
+    ids, _ = recommender.recommend(seq, lengths, platform="cpu")
+    np.testing.assert_array_equal(ids, recommender.recommend(seq, lengths)[0])
+    if jax.default_backend() == "cpu":
+        with pytest.raises(ValueError, match="platform 'cuda' has no device on this host"):
+            recommender.recommend(seq, lengths, platform="cuda")
 
 
 def test_fresh_process_serves_without_flax_or_training_code(exported):

@@ -10,6 +10,7 @@ import pytest
 
 from blossom_jax import serving
 from blossom_jax.models import SequentialRecommender
+from conftest import jitted_apply
 from train.checkpoint import load_run
 from train.config import TrainConfig
 from train.export import main as export_main
@@ -33,8 +34,8 @@ def test_run_directory_exports_and_serves(tmp_path, capsys):
     seq = np.array([[3, 7, 9] + [0] * 17, [5] * 20], np.int32)
     lengths = np.array([3, 20], np.int32)
     ids, _ = recommender.recommend(seq, lengths)
-    logits = np.array(SequentialRecommender(run.model_config).apply(
-        {"params": run.params}, jnp.asarray(seq), jnp.asarray(lengths), method="score"))
+    logits = np.array(jitted_apply(SequentialRecommender(run.model_config), "score")(
+        {"params": run.params}, jnp.asarray(seq), jnp.asarray(lengths)))
     logits[:, 0] = -np.inf
     np.testing.assert_array_equal(ids, np.argsort(-logits, axis=1, kind="stable")[:, :5])
     assert recommender.decode_items(ids[0]) == [run.item_map.id_to_raw[i] for i in ids[0]]

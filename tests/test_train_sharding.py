@@ -39,7 +39,7 @@ print("RESULT " + json.dumps({"losses": [x["loss"] for x in lines if x["type"] =
 
 def _run(tmp_path, devices: int) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
     out = tmp_path / f"d{devices}"
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(out)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)

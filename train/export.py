@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="run directory written by blossom-train")
     parser.add_argument("--out", required=True, help="export directory to create (must be empty or absent)")
     parser.add_argument("--platforms", default="cpu",
-                        help=f"comma-separated subset of {','.join(SUPPORTED_PLATFORMS)} (default: cpu)")
+                        help=f"comma-separated subset of {','.join(SUPPORTED_PLATFORMS)} (default: cpu, which any host "
+                             "serves on its CPU; add cuda / tpu to serve on the accelerator)")
     parser.add_argument("--max-len", type=int, default=None,
                         help="input length N of the exported functions (default: the model's max_len)")
     parser.add_argument("--top-k", type=int, default=10, help="items returned per request (default: 10)")
