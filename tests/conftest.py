@@ -101,6 +101,11 @@ def random_attention_inputs(config, batch: int, seq_len: int, *, seed: int = 0, 
     return cast(q), cast(k), cast(v), cast(gates), params, jnp.asarray(valid)
 
 
+def host_devices_xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a subprocess with ``devices`` CPU devices, keeping this session's flags."""
+    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+
+
 def jitted_apply(model, method="__call__", **static_kwargs):
     """``model.apply(variables, *args, method=method, **static_kwargs)`` compiled as one program. Called op by op,
     every jnp op would compile on its own: several times slower on the CPU."""

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, host_devices_xla_flags
 
 
 def _load(name: str):
@@ -152,8 +152,7 @@ def test_reproduce_on_two_devices_merges_children(tmp_path):
     import tarfile
 
     out = tmp_path / "out"
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=host_devices_xla_flags(2), JAX_PLATFORMS="cpu")
     cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "reproduce.py"), "--devices", "2",
            "--only", "bundled-n20-blossom-s2020,bundled-n20-dense-allpos-s2020", "--max-epochs", "1",
            "--set", "synthetic_users=60", "--per-run-files", "--out", str(out),

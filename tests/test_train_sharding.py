@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, host_devices_xla_flags
 
 REPO = str(REPO_ROOT)
 
@@ -39,7 +39,7 @@ print("RESULT " + json.dumps({"losses": [x["loss"] for x in lines if x["type"] =
 
 def _run(tmp_path, devices: int) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
-               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=host_devices_xla_flags(devices))
     out = tmp_path / f"d{devices}"
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(out)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
