@@ -69,7 +69,7 @@ __all__ = ["gated_attention_gpu", "gated_attention_reference", "supports"]
 # at long N, so they start in between. ``DISABLED`` turns them off (``--set gated_gpu.MIN_LEN=2147483647``).
 DISABLED = 2**31 - 1
 MIN_LEN = 8192
-# Warps per program. The forward / dQ tiles are the [16, 128] LTIS tiles of ``ltis_gpu`` plus two STIS key tiles:
+# Warps per program. The forward / dQ tiles are the [16, 64] LTIS tiles of ``ltis_gpu`` plus two STIS key tiles:
 # one warp (two: forward / dQ 0.19 / 0.29 -> 0.37 / 0.55 ms at N = 1k, gpu_call22). The dK/dV program adds a
 # [b, G, d] STIS tile per offset to the LTIS walk: two warps (0.28 -> 0.24 ms at 1k, 0.39 -> 0.32 at 32k against
 # one; four no better).
@@ -348,13 +348,14 @@ def _static(n, g, n_sel, block_size, window):
     return bq, rp, plan
 
 
-def _fwd_call(q, k, v, gl, gs, valid_i, sel_enc, *, block_size, window, mask_padded, residuals, interpret):
+def _fwd_call(q, k, v, gl, gs, valid_i, sel_enc, *, block_size, window, mask_padded, residuals, kv_head_major,
+              interpret):
     bsz, n, h, d = q.shape
-    hk = k.shape[2]
+    hk = ltis_gpu.kv_heads(k, kv_head_major)
     g = h // hk
     n_sel = sel_enc.shape[-1]
     bq, rp, plan = _static(n, g, n_sel, block_size, window)
-    q_spec, kv_spec, valid_spec, row_spec = ltis_gpu._specs_common(n, g, d)
+    q_spec, kv_spec, valid_spec, row_spec = ltis_gpu._specs_common(n, g, d, kv_head_major)
     sel_spec = pl.BlockSpec((None, n, None, n_sel), lambda t, b, hh: (b, 0, hh, 0))
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     out_specs = [q_spec]
@@ -377,16 +378,16 @@ def _fwd_call(q, k, v, gl, gs, valid_i, sel_enc, *, block_size, window, mask_pad
 
 
 def _bwd_call(q, k, v, gl, gs, valid_i, sel_enc, o_l, o_s, lse_l, lse_s, do, *, block_size, window, mask_padded,
-              interpret):
+              kv_head_major, interpret):
     bsz, n, h, d = q.shape
-    hk = k.shape[2]
+    hk = ltis_gpu.kv_heads(k, kv_head_major)
     g = h // hk
     n_sel = sel_enc.shape[-1]
     bq, rp, plan = _static(n, g, n_sel, block_size, window)
     sm_scale = 1.0 / math.sqrt(d)
     qk_scale = gc.LOG2E * sm_scale
     do = do.astype(q.dtype)
-    q_spec, kv_spec, valid_spec, row_spec = ltis_gpu._specs_common(n, g, d)
+    q_spec, kv_spec, valid_spec, row_spec = ltis_gpu._specs_common(n, g, d, kv_head_major)
     sel_spec = pl.BlockSpec((None, n, None, n_sel), lambda t, b, hh: (b, 0, hh, 0))
     stat = jax.ShapeDtypeStruct((bsz, n, h), jnp.float32)
     dq, dg_l, dg_s = pl.pallas_call(
@@ -429,25 +430,25 @@ def _split_gates(gates):
     return gates[..., 0], gates[..., 1]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _gated(q, k, v, gates, valid_i, sel_enc, block_size, window, mask_padded, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _gated(q, k, v, gates, valid_i, sel_enc, block_size, window, mask_padded, kv_head_major, interpret):
     (out,) = _fwd_call(q, k, v, *_split_gates(gates), valid_i, sel_enc, block_size=block_size, window=window,
-                       mask_padded=mask_padded, residuals=False, interpret=interpret)
+                       mask_padded=mask_padded, residuals=False, kv_head_major=kv_head_major, interpret=interpret)
     return out
 
 
-def _gated_fwd(q, k, v, gates, valid_i, sel_enc, block_size, window, mask_padded, interpret):
+def _gated_fwd(q, k, v, gates, valid_i, sel_enc, block_size, window, mask_padded, kv_head_major, interpret):
     out, o_l, o_s, lse_l, lse_s = _fwd_call(q, k, v, *_split_gates(gates), valid_i, sel_enc,
                                             block_size=block_size, window=window, mask_padded=mask_padded,
-                                            residuals=True, interpret=interpret)
+                                            residuals=True, kv_head_major=kv_head_major, interpret=interpret)
     return out, (q, k, v, gates, valid_i, sel_enc, o_l, o_s, lse_l, lse_s)
 
 
-def _gated_bwd(block_size, window, mask_padded, interpret, res, d_out):
+def _gated_bwd(block_size, window, mask_padded, kv_head_major, interpret, res, d_out):
     q, k, v, gates, valid_i, sel_enc, o_l, o_s, lse_l, lse_s = res
     dq, dk, dv, dg_l, dg_s = _bwd_call(q, k, v, *_split_gates(gates), valid_i, sel_enc, o_l, o_s, lse_l, lse_s,
                                        d_out, block_size=block_size, window=window, mask_padded=mask_padded,
-                                       interpret=interpret)
+                                       kv_head_major=kv_head_major, interpret=interpret)
     d_gates = jnp.stack([dg_l, dg_s], axis=-1).astype(gates.dtype)
     return dq, dk, dv, d_gates, None, None
 
@@ -497,5 +498,7 @@ def gated_attention_gpu(
         raise ValueError(f"window must be >= 1, got {window}")
     sel_enc, valid_i = gc.encode_selection(selected_blocks, kept, valid, seq_len=n, block_size=b)
     q, k, v, d, dp = gc.pad_head_dim(q, k, v)
-    out = _gated(q, k, v, gates, valid_i, sel_enc, b, int(window), bool(mask_padded_block_keys), bool(interpret))
+    k, v, kv_head_major = ltis_gpu.to_kernel_kv_layout(k, v)
+    out = _gated(q, k, v, gates, valid_i, sel_enc, b, int(window), bool(mask_padded_block_keys), kv_head_major,
+                 bool(interpret))
     return out[..., :d] if dp != d else out

@@ -18,7 +18,8 @@ Two entry points, each beside its pure-jnp reference in :mod:`pallas_kernels.lti
   of device time (benchmarks/NOTES.md, rounds 7 and 8).
   Ties go to the lower block index (same as ``lax.top_k``). Selection is by score, which orders
   blocks exactly as p does (p is a monotone function of the score); ``kept = p > keep_threshold`` uses the
-  final log-sum-exp of ``[-1000, visible scores]``. Slots that hold no visible block (n larger than the
+  final log-sum-exp of ``[-1000, visible scores]`` (its running sum accumulated with base-2 exponentials, one
+  ``ex2`` per score; ``p`` itself with an accurate ``exp``). Slots that hold no visible block (n larger than the
   number of visible blocks, or n > Nc) get index 0, kept False.
 
 * :func:`ltis_attention_gpu` - fine attention over the kept blocks plus the causal own block (SPEC 3.5, 3.7,
@@ -36,7 +37,7 @@ row ``r = j * G + g`` is query ``q0 + j`` and head ``h * G + g`` (this is exactl
   own-block keys: one ``[BQ*G, d] x [d, b]`` tile with the causal / validity mask.
 * selected slots: the keys of the tile are the gathered blocks ``sel[q0 + j, r]`` of its BQ queries and
   of a group of slots, laid side by side (key column ``(j * SG + r) * b + t``; ``BQ * SG * b`` keys, at most
-  ``ATTN_MAX_KEYS``; with G = 4, BQ = 4 and n = 4 that is two ``[16, d] x [d, 128]`` tiles of two slots
+  ``ATTN_MAX_KEYS``; with G = 4, BQ = 4 and n = 4 that is four ``[16, d] x [d, 64]`` tiles of one slot
   each). Row (j, g) may only see the keys of its own query j, so the score tile is
   masked block-diagonally.
 
@@ -119,12 +120,14 @@ SEL_LONGEST_FIRST = 1
 # share the own-block load over more queries but waste more exponentials on the block-diagonal mask.
 ATTN_ROWS = 16
 # Selected slots are processed side by side in groups of at most this many keys (bq * slots * b): with
-# G = 4 the n = 4 slots of the 4 queries form two [16, 128] score tiles (2 slots each). 128 measured a
+# G = 4 the n = 4 slots of the 4 queries form four [16, 64] score tiles (one slot each). 128 measured a
 # little faster than 256 (one [16, 256] tile) with one warp: 1.62 vs 1.70 ms for the whole layer's
 # forward + backward at N = 1k (H200, benchmarks/results/gpu_call13_2026-11-27), 0.96 vs 1.09 ms for LTIS
-# alone (gpu_call12_2026-11-27).
-ATTN_MAX_KEYS = 128
-# One warp per forward / dQ program: its [16, 128] tiles are small, and with more warps every row max / sum
+# alone (gpu_call12_2026-11-27); 64 a little faster again, with 96 / 112 registers per thread (forward / dQ)
+# instead of 156 / 162 (more programs per SM): forward 0.116 -> 0.111 ms and dQ 0.129 -> 0.124 at 1k, 0.119 ->
+# 0.113 and 0.131 -> 0.125 at 4k (H200, head-major K / V, benchmarks/results/gpu_call58_2026-11-28).
+ATTN_MAX_KEYS = 64
+# One warp per forward / dQ program: its [16, 64] tiles are small, and with more warps every row max / sum
 # becomes a cross-warp reduction through shared memory. Measured (H200, N = 1k and 32k, 65,536 tokens):
 # LTIS forward + backward 1.85 -> 1.09 ms and 2.07 -> 1.25 ms going from 4 warps to 1
 # (benchmarks/results/gpu_call12_2026-11-27).
@@ -141,6 +144,12 @@ DKV_NUM_WARPS = 1
 # of the sort (H100, 65,536 tokens, benchmarks/results/gpu_call31_2026-11-27): 0.053 / 0.054 / 0.053 ms at N =
 # 1k / 4k / 32k against 0.035 / 0.058 / 0.115 for XLA's per-row sort, which is also one kernel instead of ~10.
 DKV_FLAT_SORT_MIN_PAIRS = 32768
+# K / V as the attention kernels read them: 1 = head-major [B, Hk, N, d] (a transposed copy made in XLA, where it
+# fuses into the RoPE / projection that produces k and v), 0 = the model's [B, N, Hk, d]. With d = 16 a key row is
+# 32 bytes either way, but head-major puts the 16 rows of a gathered block in 512 contiguous bytes (4 cache lines)
+# instead of spreading them over 1 KB (8 lines, the other kv head's rows in between); ncu showed the forward / dQ
+# kernels bound by L1 throughput (77-83 %, L2 at 35 %; H200, N = 4k, benchmarks/results/gpu_call56_2026-11-28).
+KV_HEAD_MAJOR = True
 _compiler_params = gpu_common.compiler_params
 _next_pow2, _floor_pow2 = gpu_common.next_pow2, gpu_common.floor_pow2
 _idiv, _irem, _dot = gpu_common.idiv, gpu_common.irem, gpu_common.dot
@@ -200,9 +209,11 @@ def _select_kernel(qm_ref, ck_ref, bv_ref, out_ref, *, seq_len, nc, n_sel, n_pad
             if per_query_causal:
                 vis = vis & ((cols * block_size + (block_size - 1))[None, :] < rows[:, None])
             s = jnp.where(vis, s, neg_inf)
-            # running log-sum-exp (m starts at the -1000 sink with l = 1)
+            # running log-sum-exp (m starts at the -1000 sink with l = 1); its exponentials in base 2 (one ex2 and
+            # one FMA each instead of an accurate exp's ~8 instructions: this kernel is issue-bound)
             m_new = jnp.maximum(m, jnp.max(s, axis=1))
-            l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(s - m_new[:, None]), axis=1)
+            m2 = m_new * _LOG2E
+            l = l * jnp.exp2(m * _LOG2E - m2) + jnp.sum(jnp.exp2(s * _LOG2E - m2[:, None]), axis=1)
             # the chunk's columns, one [bq] vector per block, into the running top-n
             for u, s_u in enumerate(jnp.split(s, chunk, axis=1)):
                 vals, idxs = _insert_sorted(vals, idxs, jnp.squeeze(s_u, 1), w0 + u)
@@ -379,6 +390,10 @@ def _walk_keys(carry, visit, q, q0, rows, k_ref, v_ref, valid_ref, sel_ref, *, s
         carry = visit(carry, _dot(q, ko, trans_b=True), mask, ko, vo)
     cd = jnp.arange(d, dtype=jnp.int32)[None, :]
     sg, n_groups = _slot_groups(n_sel, bq, block_size)
+
+    # The groups stay unrolled: as an ``scf.for`` (which lets Triton's pipeliner prefetch the next group's K / V
+    # into shared memory with cp.async) the forward took 0.145 instead of 0.116 ms at N = 1k (H200,
+    # benchmarks/results/gpu_call58_2026-11-28).
     for grp in range(n_groups):
         kj, kpos, kmask = _group_keys(q0, grp * sg, bq=bq, sg=sg, n_sel=n_sel, block_size=block_size,
                                       seq_len=seq_len, sel_ref=sel_ref, valid_ref=valid_ref,
@@ -546,21 +561,38 @@ def _dkv_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delta_ref, orde
     plgpu.store(dv_ref.at[pl.ds(k0, block_size), :], dv.astype(dv_ref.dtype), mask=kin[:, None])
 
 
-def _specs_common(n, g, d):
+def kv_heads(k, kv_head_major: bool) -> int:
+    """Number of kv heads of a k / v array in the kernels' layout (see ``KV_HEAD_MAJOR``)."""
+    return k.shape[1] if kv_head_major else k.shape[2]
+
+
+def to_kernel_kv_layout(k, v):
+    """(k, v, kv_head_major): k / v [B, N, Hk, d] in the layout the kernels read (``KV_HEAD_MAJOR``, read now)."""
+    if KV_HEAD_MAJOR:
+        return jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), True
+    return k, v, False
+
+
+def _specs_common(n, g, d, kv_head_major=False):
+    """Block specs of grids (tile, batch, kv head): q rows [N, G, d] of the kv group, k / v [N, d] of the kv head,
+    validity [N], per-row statistics [N, G]."""
     q_spec = pl.BlockSpec((None, n, g, d), lambda t, b, h: (b, 0, h, 0))
-    kv_spec = pl.BlockSpec((None, n, None, d), lambda t, b, h: (b, 0, h, 0))
+    if kv_head_major:
+        kv_spec = pl.BlockSpec((None, None, n, d), lambda t, b, h: (b, h, 0, 0))
+    else:
+        kv_spec = pl.BlockSpec((None, n, None, d), lambda t, b, h: (b, 0, h, 0))
     valid_spec = pl.BlockSpec((None, n), lambda t, b, h: (b, 0))
     row_spec = pl.BlockSpec((None, n, g), lambda t, b, h: (b, 0, h))
     return q_spec, kv_spec, valid_spec, row_spec
 
 
-def _fwd_call(q, k, v, valid_i, sel_enc, *, causal, block_size, mask_padded, interpret):
+def _fwd_call(q, k, v, valid_i, sel_enc, *, causal, block_size, mask_padded, kv_head_major, interpret):
     bsz, n, h, d = q.shape
-    hk = k.shape[2]
+    hk = kv_heads(k, kv_head_major)
     g = h // hk
     n_sel = sel_enc.shape[-1]
     bq, rp = _attn_tiles(g, block_size)
-    q_spec, kv_spec, valid_spec, row_spec = _specs_common(n, g, d)
+    q_spec, kv_spec, valid_spec, row_spec = _specs_common(n, g, d, kv_head_major)
     sel_spec = pl.BlockSpec((None, n, None, n_sel), lambda t, b, hh: (b, 0, hh, 0))
     kernel = functools.partial(
         _fwd_kernel, seq_len=n, g=g, n_sel=n_sel, bq=bq, rp=rp, block_size=block_size, causal=causal,
@@ -620,16 +652,17 @@ def _inverse_selection(valid_i, sel_enc, n_key_blocks):
     return order, starts
 
 
-def _bwd_call(q, k, v, valid_i, sel_enc, o, lse, do, *, causal, block_size, mask_padded, interpret):
+def _bwd_call(q, k, v, valid_i, sel_enc, o, lse, do, *, causal, block_size, mask_padded, kv_head_major,
+              interpret):
     bsz, n, h, d = q.shape
-    hk = k.shape[2]
+    hk = kv_heads(k, kv_head_major)
     g = h // hk
     n_sel = sel_enc.shape[-1]
     sm_scale = 1.0 / math.sqrt(d)
     qk_scale = _LOG2E * sm_scale
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, N, H]
     do = do.astype(q.dtype)
-    q_spec, kv_spec, valid_spec, row_spec = _specs_common(n, g, d)
+    q_spec, kv_spec, valid_spec, row_spec = _specs_common(n, g, d, kv_head_major)
 
     # dQ: same tiling as the forward
     bq, rp = _attn_tiles(g, block_size)
@@ -674,23 +707,23 @@ def _bwd_call(q, k, v, valid_i, sel_enc, o, lse, do, *, causal, block_size, mask
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _ltis_attention(q, k, v, valid_i, sel_enc, causal, block_size, mask_padded, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _ltis_attention(q, k, v, valid_i, sel_enc, causal, block_size, mask_padded, kv_head_major, interpret):
     o, _ = _fwd_call(q, k, v, valid_i, sel_enc, causal=causal, block_size=block_size,
-                     mask_padded=mask_padded, interpret=interpret)
+                     mask_padded=mask_padded, kv_head_major=kv_head_major, interpret=interpret)
     return o
 
 
-def _ltis_attention_fwd(q, k, v, valid_i, sel_enc, causal, block_size, mask_padded, interpret):
+def _ltis_attention_fwd(q, k, v, valid_i, sel_enc, causal, block_size, mask_padded, kv_head_major, interpret):
     o, lse = _fwd_call(q, k, v, valid_i, sel_enc, causal=causal, block_size=block_size,
-                       mask_padded=mask_padded, interpret=interpret)
+                       mask_padded=mask_padded, kv_head_major=kv_head_major, interpret=interpret)
     return o, (q, k, v, valid_i, sel_enc, o, lse)
 
 
-def _ltis_attention_bwd(causal, block_size, mask_padded, interpret, res, do):
+def _ltis_attention_bwd(causal, block_size, mask_padded, kv_head_major, interpret, res, do):
     q, k, v, valid_i, sel_enc, o, lse = res
     dq, dk, dv = _bwd_call(q, k, v, valid_i, sel_enc, o, lse, do, causal=causal, block_size=block_size,
-                           mask_padded=mask_padded, interpret=interpret)
+                           mask_padded=mask_padded, kv_head_major=kv_head_major, interpret=interpret)
     return dq, dk, dv, None, None
 
 
@@ -731,6 +764,7 @@ def ltis_attention_gpu(
     sel_enc, valid_i = gpu_common.encode_selection(selected_blocks, kept, valid, seq_len=q.shape[1],
                                                    block_size=b)
     q, k, v, d, dp = gpu_common.pad_head_dim(q, k, v)
-    o = _ltis_attention(q, k, v, valid_i, sel_enc, bool(causal), b, bool(mask_padded_block_keys),
+    k, v, kv_head_major = to_kernel_kv_layout(k, v)
+    o = _ltis_attention(q, k, v, valid_i, sel_enc, bool(causal), b, bool(mask_padded_block_keys), kv_head_major,
                         bool(interpret))
     return o[..., :d] if dp != d else o

@@ -39,8 +39,10 @@ Why these kernels look the way they do
   per program.
 * **Padding is skipped.** A program whose queries (forward, dq) or keys (dk/dv) are all padding visits no
   offset (its loops get zero trips) and stores zeros: right-padded batches pay only for their valid tiles.
-* **Forward: online softmax** (running max, rescaled accumulator) over the keys, float32 throughout;
-  ``lse = m + log(l)`` per (query, head) is saved for the backward.
+* **Forward: online softmax** (running max, rescaled accumulator) over the keys, float32 throughout, in base 2
+  (``log2(e)`` folded into the scaled q, so each exponential is one ``ex2`` instead of the ~8 instructions of an
+  accurate ``exp``: the kernels are issue-bound); ``lse = m + log2(l)`` (base 2) per (query, head) is saved for the
+  backward.
 * **Backward (flash style, deterministic, no atomics).** ``dq`` recomputes the probabilities from the
   saved ``lse`` on the same shifted key tiles (and writes ``delta = rowsum(o * do)``). ``dk``/``dv`` use
   the inverse offsets: key ``j`` receives from the queries ``j + o``, again one contiguous tile per
@@ -49,8 +51,9 @@ Why these kernels look the way they do
   each tile's partial sink gradients, which XLA sums (a small fixed-order reduction) and the
   ``dk``/``dv`` kernel adds to row ``N - 1``.
 
-Layout: q/o ``[B, N, H, d]``, k/v ``[B, N, Hk, d]`` are used in place (no transposes); the grid is
-``(B * num_tiles, H // G)`` with the large axis first (CUDA limits grid y/z to 65535).
+Layout: q/o ``[B, N, H, d]`` are used in place; k/v ``[B, N, Hk, d]`` are read head-major (``[B, Hk, N, d]``, one
+transposed copy in XLA that the LTIS kernels share; ``KV_HEAD_MAJOR``), dk/dv are written in the model's layout; the
+grid is ``(B * num_tiles, H // G)`` with the large axis first (CUDA limits grid y/z to 65535).
 
 The lowering uses ``plgpu.CompilerParams`` (Triton) explicitly: jax 0.10.2 otherwise sends a GPU
 ``pallas_call`` to Mosaic GPU. Written for jax 0.10.2 and 0.11.x (the version-dependent names are
@@ -69,7 +72,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gpu_common import load_select
+from pallas_kernels.gpu_common import LOG2E, load_select
 from pallas_kernels.stis_reference import stis_attention_reference  # noqa: F401  (reference beside kernel)
 
 # Triton compiler params: ``CompilerParams`` in current jax, ``TritonCompilerParams`` in older ones.
@@ -103,6 +106,10 @@ NUM_WARPS = 4
 NUM_STAGES = 2
 # Offsets as loops (False) or fully unrolled at trace time (True); see the module docstring.
 UNROLL = False
+# K / V as the kernels read them: head-major [B, Hk, N, d] (a transposed copy made in XLA, shared with the LTIS
+# kernels, ``ltis_gpu.KV_HEAD_MAJOR``) or the model's [B, N, Hk, d]; head-major makes each shifted [BQ, d] tile
+# one contiguous run of BQ * d elements.
+KV_HEAD_MAJOR = True
 
 _NEG = -1e30  # finite "minus infinity" for masked scores (no inf - inf = NaN)
 
@@ -268,7 +275,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, n, nt, block,
     in_q = qi < n
     qic = jnp.minimum(qi, n - 1)
     vq = _ld_valid(valid_ref, qic, in_q)            # [BQ]
-    q = _ld_qrows(q_ref, qic, vq, by_select=True) * scale   # [BQ, G, d] f32, scale folded in
+    # [BQ, G, d] f32 with scale and log2(e) folded in: scores in base 2, so each exponential is one ex2
+    q = _ld_qrows(q_ref, qic, vq, by_select=True) * (scale * LOG2E)
 
     def attend(kj, ok, carry):
         m, l, acc = carry
@@ -277,8 +285,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, n, nt, block,
         v = _ld_rows(v_ref, kj, km, by_select=True)
         s = jnp.where(km[:, None], jnp.sum(q * k[:, None, :], axis=2), _NEG)   # [BQ, G]
         m_new = jnp.maximum(m, s)
-        alpha = jnp.exp(m - m_new)
-        p = jnp.where(km[:, None], jnp.exp(s - m_new), 0.0)
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.where(km[:, None], jnp.exp2(s - m_new), 0.0)
         return m_new, l * alpha + p, acc * alpha[:, :, None] + p[:, :, None] * v[:, None, :]
 
     carry = (jnp.full(q.shape[:2], _NEG, jnp.float32), jnp.zeros(q.shape[:2], jnp.float32),
@@ -291,7 +299,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, n, nt, block,
     has = l > 0.0
     l_safe = jnp.where(has, l, 1.0)
     _st_qrows(o_ref, qi, in_q, acc / l_safe[:, :, None])
-    _st_stat(lse_ref, qi, in_q, jnp.where(has, m + jnp.log(l_safe), 0.0))
+    _st_stat(lse_ref, qi, in_q, jnp.where(has, m + jnp.log2(l_safe), 0.0))   # base 2
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -305,7 +313,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, do_ref, lse_ref,
     vq = _ld_valid(valid_ref, qic, in_q)
     q = _ld_qrows(q_ref, qic, vq, by_select=True) * scale   # scaled q: scores = q_s . k
     do = _ld_qrows(do_ref, qic, vq, by_select=True)
-    lse = _ld_stat(lse_ref, qic, vq, by_select=True)        # [BQ, G]
+    lse = _ld_stat(lse_ref, qic, vq, by_select=True)        # [BQ, G], base 2
     delta = jnp.sum(_ld_qrows(o_ref, qic, vq, by_select=True) * do, axis=2)   # [BQ, G]
 
     def grad_s(kj, ok):
@@ -314,7 +322,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, do_ref, lse_ref,
         k = _ld_rows(k_ref, kj, km, by_select=True)
         v = _ld_rows(v_ref, kj, km, by_select=True)
         s = jnp.sum(q * k[:, None, :], axis=2)
-        p = jnp.where(km[:, None], jnp.exp(s - lse), 0.0)
+        p = jnp.where(km[:, None], jnp.exp2(s * LOG2E - lse), 0.0)
         ds = p * (jnp.sum(do * v[:, None, :], axis=2) - delta)
         return p, ds, k
 
@@ -349,7 +357,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delta_ref, *res
     in_k = kj < n
     kjc = jnp.minimum(kj, n - 1)
     vk = _ld_valid(valid_ref, kjc, in_k)
-    k = _ld_rows(k_ref, kjc, vk) * scale            # scaled k: scores = q . k_s
+    k2 = _ld_rows(k_ref, kjc, vk) * (scale * LOG2E)  # scores in base 2: s2 = q . k2
     v = _ld_rows(v_ref, kjc, vk)
 
     def body(o, carry):
@@ -360,8 +368,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delta_ref, *res
         do = _ld_qrows(do_ref, qi, qm)
         lse = _ld_stat(lse_ref, qi, qm)               # [BK, G]
         delta = _ld_stat(delta_ref, qi, qm)
-        s = jnp.sum(q * k[:, None, :], axis=2)
-        p = jnp.where(qm[:, None], jnp.exp(s - lse), 0.0)
+        s2 = jnp.sum(q * k2[:, None, :], axis=2)
+        p = jnp.where(qm[:, None], jnp.exp2(s2 - lse), 0.0)
         ds = p * (jnp.sum(do * v[:, None, :], axis=2) - delta)
         return dk + ds[:, :, None] * q, dv + p[:, :, None] * do
 
@@ -394,6 +402,7 @@ class _Config:
     unroll: bool
     scale: float
     interpret: bool
+    kv_head_major: bool = False
 
     def params(self):
         return _TritonParams(num_warps=self.num_warps, num_stages=self.num_stages)
@@ -411,19 +420,29 @@ def _geometry(q, k, block, rows=None):
     return b, n, h, d, hk, g, gp, block, pl.cdiv(n, block)
 
 
-def _specs(n, d, g, gp, nt):
-    """BlockSpecs: whole-sequence refs of one (batch, head group); tiles are indexed inside."""
+def _specs(n, d, g, gp, nt, kv_head_major=False):
+    """BlockSpecs: whole-sequence refs of one (batch, head group); tiles are indexed inside. k / v [N, d] of the
+    group's kv head, from [B, Hk, N, d] (``kv_head_major``) or [B, N, Hk, d]."""
     qspec = pl.BlockSpec((_SQ, n, gp, d), lambda p, hp: (p // nt, 0, hp, 0))
-    kvspec = pl.BlockSpec((_SQ, n, _SQ, d), lambda p, hp: (p // nt, 0, (hp * gp) // g, 0))
+    if kv_head_major:
+        kvspec = pl.BlockSpec((_SQ, _SQ, n, d), lambda p, hp: (p // nt, (hp * gp) // g, 0, 0))
+    else:
+        kvspec = pl.BlockSpec((_SQ, n, _SQ, d), lambda p, hp: (p // nt, 0, (hp * gp) // g, 0))
     vspec = pl.BlockSpec((_SQ, n), lambda p, hp: (p // nt, 0))
     statspec = pl.BlockSpec((_SQ, n, gp), lambda p, hp: (p // nt, 0, hp))
     return qspec, kvspec, vspec, statspec
 
 
+def _kernel_kv(k, v, cfg: _Config):
+    """k, v [B, N, Hk, d] in the layout the kernels read (``cfg.kv_head_major``)."""
+    return (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)) if cfg.kv_head_major else (k, v)
+
+
 def _stis_fwd_call(q, k, v, valid, cfg: _Config):
     b, n, h, d, hk, g, gp, block, nt = _geometry(q, k, cfg.block_q)
     plan = _plan(n, cfg.window, cfg.causal, cfg.sink, cfg.unroll)
-    qspec, kvspec, vspec, statspec = _specs(n, d, g, gp, nt)
+    qspec, kvspec, vspec, statspec = _specs(n, d, g, gp, nt, cfg.kv_head_major)
+    k, v = _kernel_kv(k, v, cfg)
     o, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, n=n, nt=nt, block=block, plan=plan, scale=cfg.scale),
         grid=(b * nt, h // gp),
@@ -442,8 +461,11 @@ def _stis_bwd_call(q, k, v, valid, o, lse, do, cfg: _Config):
     b, n, h, d, hk, g, gp, block, nt = _geometry(q, k, cfg.block_q, DEFAULT_ROWS_PER_PROGRAM_DQ)
     plan = _plan(n, cfg.window, cfg.causal, cfg.sink, cfg.unroll)
     has_sink = plan.sink_window is not None
-    qspec, kvspec, vspec, statspec = _specs(n, d, g, gp, nt)
+    qspec, kvspec, vspec, statspec = _specs(n, d, g, gp, nt, cfg.kv_head_major)
     ngrp = h // gp
+    dtype_k, dtype_v = k.dtype, v.dtype
+    *_, block_kv, nk = _geometry(q, k, cfg.block_k, DEFAULT_ROWS_PER_PROGRAM_DKV)  # (before the layout change)
+    k, v = _kernel_kv(k, v, cfg)
 
     # dq (+ delta, + per-tile sink partials)
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -468,8 +490,7 @@ def _stis_bwd_call(q, k, v, valid, o, lse, do, cfg: _Config):
 
     # dk, dv: one program per (batch, head group, key tile). With GQA packing (gp == g) the group is
     # the whole kv head; otherwise each program writes the part of one query head, summed below.
-    *_, block_kv, nk = _geometry(q, k, cfg.block_k, DEFAULT_ROWS_PER_PROGRAM_DKV)
-    qspec, kvspec, vspec, statspec = _specs(n, d, g, gp, nk)
+    qspec, kvspec, vspec, statspec = _specs(n, d, g, gp, nk, cfg.kv_head_major)
     in_specs = [qspec, kvspec, kvspec, vspec, qspec, statspec, statspec]
     args = [q, k, v, valid, do, lse, delta]
     if has_sink:
@@ -482,15 +503,15 @@ def _stis_bwd_call(q, k, v, valid, o, lse, do, cfg: _Config):
         grid=(b * nk, ngrp),
         in_specs=in_specs,
         out_specs=[pl.BlockSpec((_SQ, n, _SQ, d), lambda p, hp: (p // nk, 0, hp, 0))] * 2,
-        out_shape=[jax.ShapeDtypeStruct((b, n, ngrp, d), k.dtype if packed else jnp.float32),
-                   jax.ShapeDtypeStruct((b, n, ngrp, d), v.dtype if packed else jnp.float32)],
+        out_shape=[jax.ShapeDtypeStruct((b, n, ngrp, d), dtype_k if packed else jnp.float32),
+                   jax.ShapeDtypeStruct((b, n, ngrp, d), dtype_v if packed else jnp.float32)],
         compiler_params=cfg.params(),
         interpret=cfg.interpret,
         name="stis_bwd_dkv",
     )(*args)
     if not packed:
-        dk = dk.reshape(b, n, hk, g // gp, d).sum(axis=3).astype(k.dtype)
-        dv = dv.reshape(b, n, hk, g // gp, d).sum(axis=3).astype(v.dtype)
+        dk = dk.reshape(b, n, hk, g // gp, d).sum(axis=3).astype(dtype_k)
+        dv = dv.reshape(b, n, hk, g // gp, d).sum(axis=3).astype(dtype_v)
     return dq, dk, dv
 
 
@@ -555,7 +576,7 @@ def stis_attention_gpu(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Arra
         num_warps=NUM_WARPS if num_warps is None else int(num_warps),
         num_stages=NUM_STAGES if num_stages is None else int(num_stages),
         unroll=UNROLL if unroll is None else bool(unroll),
-        scale=1.0 / math.sqrt(d), interpret=bool(interpret))
+        scale=1.0 / math.sqrt(d), interpret=bool(interpret), kv_head_major=bool(KV_HEAD_MAJOR))
     valid_i = valid.astype(jnp.int32)
     dp = pl.next_power_of_2(d)
     if dp == d:

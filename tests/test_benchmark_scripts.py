@@ -357,3 +357,30 @@ def test_hlo_dump_writes_the_optimized_gradient(tmp_path):
     assert "ENTRY" in text and "bf16[2,40,128]" in text
     with pytest.raises(ValueError, match="length"):
         hlo.optimized_hlo("dense-xla", 100, 50)
+
+
+def test_triton_sass_lowers_every_kernel_and_reads_sass(tmp_path):
+    """triton_sass.py captures one Triton module per pallas_call of the layer's fwd+bwd (lowered for CUDA on the
+    CPU); its SASS reader counts opcodes and predicated backward branches; the compile step runs where Triton is
+    installed."""
+    sass = _load("triton_sass")
+    kernels = sass.lower_layer_kernels(300, tokens=600)
+    names = [name for name, _ in kernels]
+    assert names == ["ltis_select", "ltis_attention_fwd", "stis_fwd", "stis_bwd_dq", "stis_bwd_dkv",
+                     "ltis_attention_dq", "ltis_attention_dkv"]
+    assert all("tt.func" in text for _, text in kernels)
+    listing = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   FFMA R2, R3, R4, R5 ;
+        /*0020*/               @P0 BRA 0x10 ;
+        /*0030*/                   BRA 0x30;
+        /*0040*/                   EXIT ;
+    """
+    report = sass.sass_report(listing)
+    assert report["instructions"] == 5 and report["opcodes"]["BRA"] == 2 and report["loop_bodies"] == [2]
+    with pytest.raises(ValueError, match="warp count"):
+        sass._num_warps("unknown_kernel")
+    if importlib.util.find_spec("triton") is None:
+        return
+    sass.main(["--length", "300", "--tokens", "600", "--kernels", "stis_fwd", "--out", str(tmp_path)])
+    assert list(tmp_path.glob("*_stis_fwd.sass"))

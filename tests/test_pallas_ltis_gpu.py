@@ -324,6 +324,27 @@ def test_attention_vs_reference_and_oracle(n, h, hk, n_sel, causal, mask_padded,
         assert (o == 0).all()  # Nc = 0, bidirectional: empty key sets
 
 
+@pytest.mark.parametrize("causal,mask_padded", [(True, False), (False, True)])
+def test_kv_layouts_give_identical_results(monkeypatch, causal, mask_padded):
+    """The kernels read K / V head-major ([B, Hk, N, d], ``KV_HEAD_MAJOR``) or in the model's [B, N, Hk, d]:
+    only the addresses differ, so outputs and all gradients must be bitwise equal (G = 2: two slot groups)."""
+    rng = np.random.default_rng(11 + causal)
+    n, h, hk, n_sel, lens = 130, 4, 2, 4, [130, 71]
+    valid_np = _valid(n, lens)
+    sel, kept, _ = _random_selection(rng, valid_np, hk, n_sel, causal=causal)
+    q, k, v = _qkv(rng, len(lens), n, h, hk, 16, jnp.float32)
+    ct = jnp.asarray(rng.standard_normal(q.shape).astype(np.float32))
+    args = (q, k, v, jnp.asarray(valid_np), jnp.asarray(sel), jnp.asarray(kept), ct)
+    fn = functools.partial(ltis_gpu.ltis_attention_gpu, interpret=True)
+    results = []
+    for head_major in (True, False):
+        monkeypatch.setattr(ltis_gpu, "KV_HEAD_MAJOR", head_major)  # read at trace time: a fresh jit per layout
+        run = jax.jit(functools.partial(_value_and_grads, fn, causal=causal, mask_padded_block_keys=mask_padded))
+        results.append(run(*args))
+    for name, a, b in zip(("o", "dq", "dk", "dv"), *results):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+
+
 def test_attention_nan_at_padding_does_not_leak():
     """Causal mode: NaN in q, k, v at padded positions changes nothing (outputs and gradients)."""
     rng = np.random.default_rng(5)
