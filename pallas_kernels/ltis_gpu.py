@@ -144,11 +144,12 @@ DKV_NUM_WARPS = 1
 # of the sort (H100, 65,536 tokens, benchmarks/results/gpu_call31_2026-11-27): 0.053 / 0.054 / 0.053 ms at N =
 # 1k / 4k / 32k against 0.035 / 0.058 / 0.115 for XLA's per-row sort, which is also one kernel instead of ~10.
 DKV_FLAT_SORT_MIN_PAIRS = 32768
-# K / V as the attention kernels read them: 1 = head-major [B, Hk, N, d] (a transposed copy made in XLA, where it
-# fuses into the RoPE / projection that produces k and v), 0 = the model's [B, N, Hk, d]. With d = 16 a key row is
-# 32 bytes either way, but head-major puts the 16 rows of a gathered block in 512 contiguous bytes (4 cache lines)
-# instead of spreading them over 1 KB (8 lines, the other kv head's rows in between); ncu showed the forward / dQ
-# kernels bound by L1 throughput (77-83 %, L2 at 35 %; H200, N = 4k, benchmarks/results/gpu_call56_2026-11-28).
+# K / V as the attention kernels read them: True = head-major [B, Hk, N, d] (a transposed copy made in XLA: the
+# layer's XLA time grew by ~0.002 ms at N = 1k, gpu_call59_2026-11-28), False = the model's [B, N, Hk, d]. With
+# d = 16 a key row is 32 bytes either way, but head-major puts the 16 rows of a gathered block in 512 contiguous
+# bytes (4 cache lines) instead of spreading them over 1 KB (8 lines, the other kv head's rows in between); ncu
+# showed the forward / dQ kernels bound by L1 throughput (77-83 %, L2 at 35 %; H200, N = 4k, gpu_call56_2026-11-28):
+# dQ 149 -> 134 us at 4k, layer throughput -2 to -3 % (gpu_call57_2026-11-28).
 KV_HEAD_MAJOR = True
 _compiler_params = gpu_common.compiler_params
 _next_pow2, _floor_pow2 = gpu_common.next_pow2, gpu_common.floor_pow2
