@@ -327,7 +327,7 @@ def test_attention_vs_reference_and_oracle(n, h, hk, n_sel, causal, mask_padded,
 @pytest.mark.parametrize("causal,mask_padded", [(True, False), (False, True)])
 def test_kv_layouts_give_identical_results(monkeypatch, causal, mask_padded):
     """The kernels read K / V head-major ([B, Hk, N, d], ``KV_HEAD_MAJOR``) or in the model's [B, N, Hk, d]:
-    only the addresses differ, so outputs and all gradients must be bitwise equal (G = 2: two slot groups)."""
+    only the addresses differ, so outputs and all gradients must be bitwise equal (G = 2: four slot groups)."""
     rng = np.random.default_rng(11 + causal)
     n, h, hk, n_sel, lens = 130, 4, 2, 4, [130, 71]
     valid_np = _valid(n, lens)
