@@ -1,7 +1,7 @@
 """One jitted forward+backward of the benchmark layer at N (argv[1]), for ncu."""
 import sys, os
 sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
-import jax, jax.numpy as jnp
+import jax
 import attention as A
 n = int(sys.argv[1]); impl = sys.argv[2] if len(sys.argv) > 2 else "blossom-pallas"
 layer = A.make_layer(impl)
