@@ -10,7 +10,8 @@ backward branch), which is what an issue-bound kernel pays per iteration. Triton
 one inside jaxlib: registers came out within a few of what ``ncu`` read on the GPU (e.g. the LTIS forward 152 here
 against 146 there, benchmarks/results/gpu_call56_2026-11-28).
 
-Usage:  python benchmarks/triton_sass.py --length 1024 [--kernels stis,ltis_select] [--out DIR] [--lower-only]
+Usage:  python benchmarks/triton_sass.py --length 1024 [--kernels stis,ltis_select] [--set module.NAME=int,...]
+        [--out DIR] [--lower-only]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import attention  # noqa: E402  (benchmarks/attention.py)
+import overrides  # noqa: E402  (benchmarks/overrides.py)
 
 # Warps each kernel is launched with (the modules do not record it): the module constants behind each name.
 def _num_warps(kernel: str) -> int:
@@ -42,6 +44,17 @@ def _num_warps(kernel: str) -> int:
     if kernel not in table:
         raise ValueError(f"no warp count known for kernel {kernel!r}")
     return table[kernel]
+
+
+def _num_stages(kernel: str) -> int:
+    """Software-pipelining depth each kernel is launched with (module constants, as for ``_num_warps``)."""
+    from pallas_kernels import gated_gpu, gpu_common, ltis_gpu, stis_gpu
+
+    table = {"ltis_select": ltis_gpu.SEL_NUM_STAGES, "ltis_attention_dkv": ltis_gpu.DKV_NUM_STAGES,
+             "gated_attention_dkv": gated_gpu.DKV_NUM_STAGES}
+    if kernel.startswith("stis_"):
+        return stis_gpu.NUM_STAGES
+    return table.get(kernel, gpu_common.NUM_STAGES)
 
 
 @contextlib.contextmanager
@@ -132,9 +145,11 @@ def main(argv=None) -> None:
     parser.add_argument("--kernels", default=None, help="comma-separated substrings of the kernels to report")
     parser.add_argument("--out", default="/tmp/blossom_triton_sass", help="folder for the .ttir / .sass files")
     parser.add_argument("--lower-only", action="store_true", help="write the Triton modules, compile nothing")
+    parser.add_argument("--set", default=None, metavar="module.NAME=int,...",
+                        help="override pallas_kernels constants first (benchmarks/overrides.py), e.g. "
+                             "ltis_gpu.DKV_NUM_STAGES=3")
     args = parser.parse_args(argv)
-    from pallas_kernels import gpu_common
-
+    overrides.apply(args.set)
     os.makedirs(args.out, exist_ok=True)
     wanted = [w for w in (args.kernels or "").split(",") if w]
     for index, (name, text) in enumerate(lower_layer_kernels(args.length, args.tokens)):
@@ -146,7 +161,7 @@ def main(argv=None) -> None:
         if args.lower_only:
             print(f"{name}: {path}")
             continue
-        report = compile_for_sm90(path, _num_warps(name), gpu_common.NUM_STAGES)
+        report = compile_for_sm90(path, _num_warps(name), _num_stages(name))
         top = ", ".join(f"{op} {count}" for op, count in report["opcodes"].most_common(12))
         print(f"{name}: {report['registers']} registers, stack {report['stack_bytes']} B, shared "
               f"{report['shared_bytes']} B, {report['instructions']} SASS instructions, loop bodies "

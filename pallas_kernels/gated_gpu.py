@@ -76,6 +76,11 @@ MIN_LEN = 8192
 FWD_NUM_WARPS = 1
 DQ_NUM_WARPS = 1
 DKV_NUM_WARPS = 2
+# Software-pipelining depth of the dK/dV kernel's query-list loop (Triton prefetches the next chunk's pair ids, q / dO
+# rows and statistics with cp.async). 3 against 2, alternated in one process (H200, 65,536 tokens,
+# benchmarks/results/gpu_call62..63_2026-11-29): 0.311 / 0.312 -> 0.300 / 0.301 ms at N = 32k, 0.306 / 0.304 -> 0.291 /
+# 0.291 at 64k, same errors; the separate LTIS dK/dV kernel (``ltis_gpu.DKV_NUM_STAGES``) was no faster with 3.
+DKV_NUM_STAGES = 3
 
 _NEG_INF = float("-inf")
 
@@ -418,7 +423,7 @@ def _bwd_call(q, k, v, gl, gs, valid_i, sel_enc, o_l, o_s, lse_l, lse_s, do, *, 
             pl.BlockSpec((None, None, nkb + 1), lambda t, b, hh: (b, hh, 0))],
         out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=gc.compiler_params(DKV_NUM_WARPS),
+        compiler_params=gc.compiler_params(DKV_NUM_WARPS, DKV_NUM_STAGES),
         interpret=interpret,
         name="gated_attention_dkv",
     )(q, k, v, valid_i, do, gl, gs, lse_l, lse_s, dg_l, dg_s, order, starts)

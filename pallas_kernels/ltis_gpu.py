@@ -115,6 +115,12 @@ SEL_BLOCK_Q = 128
 SEL_NUM_WARPS = 4
 SEL_CHUNK = 32
 SEL_LONGEST_FIRST = 1
+# Software-pipelining depth (Triton ``num_stages``) of the selection's chunk loop and of the dK/dV kernel's walk over
+# a key block's query list (Triton prefetches the next chunk's pair ids, q / dO rows and statistics with cp.async).
+# 3 instead of 2 (H200, 65,536 tokens, benchmarks/results/gpu_call62..63_2026-11-29): dK/dV 0.093 -> 0.099 ms at
+# N = 1k and 0.114 -> 0.123 at 4k; the selection the same up to 4k, 0.300 -> 0.289 at 32k but 0.534 -> 0.562 at 64k.
+SEL_NUM_STAGES = 2
+DKV_NUM_STAGES = 2
 # Fine attention (forward and dQ): packed rows (queries x G heads) per program. 16 is the tensor-core
 # minimum; with G = 4 it is 4 queries (4x block-diagonal waste in the selected-key tile). Larger values
 # share the own-block load over more queries but waste more exponentials on the block-diagonal mask.
@@ -315,7 +321,7 @@ def _select_call(q_mean, compressed_keys, block_valid, *, n_sel, n_pad, block_si
         ],
         out_specs=pl.BlockSpec((None, n, None, n_pad), lambda t, b, h: (b, 0, h, 0)),
         out_shape=jax.ShapeDtypeStruct((bsz, n, hk, n_pad), jnp.int32),
-        compiler_params=_compiler_params(SEL_NUM_WARPS),
+        compiler_params=_compiler_params(SEL_NUM_WARPS, SEL_NUM_STAGES),
         interpret=interpret,
         name="ltis_select",
     )(_pad_last(q_mean.astype(jnp.float32), dp), _pad_last(compressed_keys.astype(jnp.float32), dp),
@@ -701,7 +707,7 @@ def _bwd_call(q, k, v, valid_i, sel_enc, o, lse, do, *, causal, block_size, mask
         ],
         out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=_compiler_params(DKV_NUM_WARPS),
+        compiler_params=_compiler_params(DKV_NUM_WARPS, DKV_NUM_STAGES),
         interpret=interpret,
         name="ltis_attention_dkv",
     )(q, k, v, valid_i, do, lse, delta, order, starts)
