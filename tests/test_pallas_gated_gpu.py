@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import gated_gpu, gpu_common, ltis_gpu
-from test_pallas_ltis_gpu import _close, _qkv, _random_selection, _valid
+from test_pallas_ltis_gpu import _close, _launch_params, _qkv, _random_selection, _valid
 
 
 def _value_and_grads(fn, q, k, v, gates, valid, sel, kept, ct, **kw):
@@ -168,3 +168,8 @@ def test_cuda_export_lowering(dtype):
     for fn, n_calls in ((fwd, 1), (grad, 3)):
         exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=disabled)(*args)
         assert exported.mlir_module().count(gpu_common.TRITON_CUSTOM_CALL_TARGET) == n_calls, fn.__name__
+    # (num_stages, num_warps) of each kernel: the module constants reach the custom calls
+    assert _launch_params(exported.mlir_module()) == {
+        "gated_attention_fwd": (gpu_common.NUM_STAGES, gated_gpu.FWD_NUM_WARPS),
+        "gated_attention_dq": (gpu_common.NUM_STAGES, gated_gpu.DQ_NUM_WARPS),
+        "gated_attention_dkv": (gated_gpu.DKV_NUM_STAGES, gated_gpu.DKV_NUM_WARPS)}

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import ltis_gpu, ltis_reference
+from pallas_kernels import gpu_common, ltis_gpu, ltis_reference
 
 BLOCK = 16
 THR = 1e-10
@@ -451,6 +452,13 @@ def test_head_dim_padding_and_argument_checks():
 # ------------------------------------------------------------------------------------------------------
 # CUDA lowering without a GPU
 # ------------------------------------------------------------------------------------------------------
+def _launch_params(mlir_text: str) -> dict[str, tuple[int, int]]:
+    """{kernel name: (num_stages, num_warps)} of the Triton custom calls in a lowered module (the backend config
+    jaxlib 0.10.x writes: attributes sorted by name, so ``name`` is followed by ``num_stages`` and ``num_warps``)."""
+    found = re.findall(r'name = "(\w+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32', mlir_text)
+    return {name: (int(stages), int(warps)) for name, stages, warps in found}
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("causal", [True, False])
 def test_cuda_export_lowering(dtype, causal):
@@ -473,8 +481,15 @@ def test_cuda_export_lowering(dtype, causal):
 
     sel_args = (sds((bsz, n, hk, d), jnp.float32), sds((bsz, hk, n // BLOCK, d), dtype),
                 sds((bsz, n // BLOCK), jnp.bool_))
+    params = {}
     for fn, args, n_calls in ((select, sel_args, 1),
                               (fwd, attn_args, 1), (grad, attn_args, 3)):
         exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=disabled)(*args)
         text = exported.mlir_module()
         assert text.count(ltis_gpu.TRITON_CUSTOM_CALL_TARGET) == n_calls, fn.__name__
+        params.update(_launch_params(text))
+    # every kernel launches with its module constants (the tuned warps / pipeline depths reach the custom calls)
+    assert params == {"ltis_select": (ltis_gpu.SEL_NUM_STAGES, ltis_gpu.SEL_NUM_WARPS),
+                      "ltis_attention_fwd": (gpu_common.NUM_STAGES, ltis_gpu.ATTN_NUM_WARPS),
+                      "ltis_attention_dq": (gpu_common.NUM_STAGES, ltis_gpu.DQ_NUM_WARPS),
+                      "ltis_attention_dkv": (ltis_gpu.DKV_NUM_STAGES, ltis_gpu.DKV_NUM_WARPS)}
