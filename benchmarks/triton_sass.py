@@ -31,30 +31,24 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import attention  # noqa: E402  (benchmarks/attention.py)
 import overrides  # noqa: E402  (benchmarks/overrides.py)
 
-# Warps each kernel is launched with (the modules do not record it): the module constants behind each name.
-def _num_warps(kernel: str) -> int:
-    from pallas_kernels import gated_gpu, ltis_gpu, stis_gpu
-
-    table = {"ltis_select": ltis_gpu.SEL_NUM_WARPS, "ltis_attention_fwd": ltis_gpu.ATTN_NUM_WARPS,
-             "ltis_attention_dq": ltis_gpu.DQ_NUM_WARPS, "ltis_attention_dkv": ltis_gpu.DKV_NUM_WARPS,
-             "gated_attention_fwd": gated_gpu.FWD_NUM_WARPS, "gated_attention_dq": gated_gpu.DQ_NUM_WARPS,
-             "gated_attention_dkv": gated_gpu.DKV_NUM_WARPS}
-    if kernel.startswith("stis_"):
-        return stis_gpu.NUM_WARPS
-    if kernel not in table:
-        raise ValueError(f"no warp count known for kernel {kernel!r}")
-    return table[kernel]
-
-
-def _num_stages(kernel: str) -> int:
-    """Software-pipelining depth each kernel is launched with (module constants, as for ``_num_warps``)."""
+def _launch(kernel: str) -> tuple[int, int]:
+    """(num_warps, num_stages) a kernel is launched with (its module does not record them): the module constants
+    behind each ``pallas_call`` name."""
     from pallas_kernels import gated_gpu, gpu_common, ltis_gpu, stis_gpu
 
-    table = {"ltis_select": ltis_gpu.SEL_NUM_STAGES, "ltis_attention_dkv": ltis_gpu.DKV_NUM_STAGES,
-             "gated_attention_dkv": gated_gpu.DKV_NUM_STAGES}
+    stages = gpu_common.NUM_STAGES
+    table = {"ltis_select": (ltis_gpu.SEL_NUM_WARPS, ltis_gpu.SEL_NUM_STAGES),
+             "ltis_attention_fwd": (ltis_gpu.ATTN_NUM_WARPS, stages),
+             "ltis_attention_dq": (ltis_gpu.DQ_NUM_WARPS, stages),
+             "ltis_attention_dkv": (ltis_gpu.DKV_NUM_WARPS, ltis_gpu.DKV_NUM_STAGES),
+             "gated_attention_fwd": (gated_gpu.FWD_NUM_WARPS, stages),
+             "gated_attention_dq": (gated_gpu.DQ_NUM_WARPS, stages),
+             "gated_attention_dkv": (gated_gpu.DKV_NUM_WARPS, gated_gpu.DKV_NUM_STAGES)}
     if kernel.startswith("stis_"):
-        return stis_gpu.NUM_STAGES
-    return table.get(kernel, gpu_common.NUM_STAGES)
+        return stis_gpu.NUM_WARPS, stis_gpu.NUM_STAGES
+    if kernel not in table:
+        raise ValueError(f"no warp count / pipeline depth known for kernel {kernel!r}")
+    return table[kernel]
 
 
 @contextlib.contextmanager
@@ -161,7 +155,7 @@ def main(argv=None) -> None:
         if args.lower_only:
             print(f"{name}: {path}")
             continue
-        report = compile_for_sm90(path, _num_warps(name), _num_stages(name))
+        report = compile_for_sm90(path, *_launch(name))
         top = ", ".join(f"{op} {count}" for op, count in report["opcodes"].most_common(12))
         print(f"{name}: {report['registers']} registers, stack {report['stack_bytes']} B, shared "
               f"{report['shared_bytes']} B, {report['instructions']} SASS instructions, loop bodies "

@@ -379,16 +379,16 @@ def test_triton_sass_lowers_every_kernel_and_reads_sass(tmp_path):
     report = sass.sass_report(listing)
     assert report["instructions"] == 5 and report["opcodes"]["BRA"] == 2 and report["loop_bodies"] == [2]
     with pytest.raises(ValueError, match="warp count"):
-        sass._num_warps("unknown_kernel")
-    # pipeline depths: the per-kernel constants (settable with --set), the shared default elsewhere
-    from pallas_kernels import gated_gpu, gpu_common
+        sass._launch("unknown_kernel")
+    # (warps, pipeline depth) per kernel: the module constants, settable with --set
+    from pallas_kernels import gated_gpu, gpu_common, ltis_gpu
 
     overrides = _load("overrides")
-    assert sass._num_stages("gated_attention_dkv") == gated_gpu.DKV_NUM_STAGES
-    assert sass._num_stages("ltis_attention_fwd") == gpu_common.NUM_STAGES
+    assert sass._launch("gated_attention_dkv") == (gated_gpu.DKV_NUM_WARPS, gated_gpu.DKV_NUM_STAGES)
+    assert sass._launch("ltis_attention_fwd") == (ltis_gpu.ATTN_NUM_WARPS, gpu_common.NUM_STAGES)
     with overrides.applied("ltis_gpu.DKV_NUM_STAGES=4,ltis_gpu.SEL_NUM_STAGES=1"):
-        assert (sass._num_stages("ltis_attention_dkv"), sass._num_stages("ltis_select")) == (4, 1)
-    assert sass._num_stages("ltis_attention_dkv") != 4
+        assert (sass._launch("ltis_attention_dkv")[1], sass._launch("ltis_select")[1]) == (4, 1)
+    assert sass._launch("ltis_attention_dkv")[1] != 4
     if importlib.util.find_spec("triton") is None:
         return
     sass.main(["--length", "300", "--tokens", "600", "--kernels", "stis_fwd", "--out", str(tmp_path)])
