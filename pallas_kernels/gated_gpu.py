@@ -81,6 +81,9 @@ DKV_NUM_WARPS = 2
 # benchmarks/results/gpu_call62..63_2026-11-29): 0.311 / 0.312 -> 0.300 / 0.301 ms at N = 32k, 0.306 / 0.304 -> 0.291 /
 # 0.291 at 64k, same errors; the separate LTIS dK/dV kernel (``ltis_gpu.DKV_NUM_STAGES``) was no faster with 3.
 DKV_NUM_STAGES = 3
+# Packed rows (pairs x G heads) per chunk of the dK/dV kernel's query-list walk: 64 (32, the separate LTIS kernel's
+# ``ltis_gpu.DKV_ROWS``: 0.286 -> 0.311 ms at N = 32k; 128: 0.292; H200, benchmarks/results/gpu_call67_2026-11-29).
+DKV_ROWS = 64
 
 _NEG_INF = float("-inf")
 
@@ -258,10 +261,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, valid_ref, sel_ref, gl_ref, gs_ref, do_ref, 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, gl_ref, gs_ref, lsel_ref, lses_ref, dgl_ref, dgs_ref,
                 order_ref, starts_ref, dk_ref, dv_ref, *, seq_len, g, n_sel, cq, rp, rp_own, block_size,
-                mask_padded, window, plan, qk_scale, sm_scale):
+                mask_padded, window, plan, qk_scale, sm_scale, block_axis):
     # order_ref [N * n] (pair ids i * n + r sorted by kept block); starts_ref [NKB + 1]
     d = q_ref.shape[-1]
-    w = pl.program_id(0)
+    w = pl.program_id(block_axis)
     k0 = w * block_size
     kpos = k0 + jnp.arange(block_size, dtype=jnp.int32)
     kin = kpos < seq_len
@@ -411,17 +414,19 @@ def _bwd_call(q, k, v, gl, gs, valid_i, sel_enc, o_l, o_s, lse_l, lse_s, do, *, 
 
     nkb = pl.cdiv(n, block_size)
     order, starts = ltis_gpu._inverse_selection(valid_i, sel_enc, nkb)
-    cq, rp_dkv = ltis_gpu._dkv_tiles(g)
+    cq, rp_dkv = ltis_gpu._dkv_tiles(g, DKV_ROWS)
+    grid, in_specs, out_specs, block_axis = ltis_gpu.dkv_launch(
+        nkb, bsz, hk, [q_spec, kv_spec, kv_spec, valid_spec, q_spec] + [row_spec] * 6 + [
+            pl.BlockSpec((None, None, n * n_sel), lambda t, b, hh: (b, hh, 0)),
+            pl.BlockSpec((None, None, nkb + 1), lambda t, b, hh: (b, hh, 0))], [kv_spec, kv_spec])
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, seq_len=n, g=g, n_sel=n_sel, cq=cq, rp=rp_dkv,
                           rp_own=max(16, gc.next_pow2(block_size * g)), block_size=block_size,
                           mask_padded=mask_padded, window=window, plan=plan, qk_scale=qk_scale,
-                          sm_scale=sm_scale),
-        grid=(nkb, bsz, hk),
-        in_specs=[q_spec, kv_spec, kv_spec, valid_spec, q_spec] + [row_spec] * 6 + [
-            pl.BlockSpec((None, None, n * n_sel), lambda t, b, hh: (b, hh, 0)),
-            pl.BlockSpec((None, None, nkb + 1), lambda t, b, hh: (b, hh, 0))],
-        out_specs=[kv_spec, kv_spec],
+                          sm_scale=sm_scale, block_axis=block_axis),
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=gc.compiler_params(DKV_NUM_WARPS, DKV_NUM_STAGES),
         interpret=interpret,

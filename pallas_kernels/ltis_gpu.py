@@ -50,9 +50,10 @@ and exponentials, which is why ``ATTN_ROWS`` (rows per program) is small: the FL
 dK / dV strategy (deterministic, no atomics)
 --------------------------------------------
 The selection is inverted in XLA: the (query, slot) pairs of each (batch, kv head) whose block is kept
-(and whose query is valid) are stably sorted by block index (``lax.sort`` of packed int32 keys, O(N n)
-memory: per row of [B, Hk, N*n], or from ``DKV_FLAT_SORT_MIN_PAIRS`` pairs on all rows as one 1-D array, which
-XLA runs as CUB's radix sort), and each key block's segment starts where the sorted keys first reach it. The
+(and whose query is valid) are stably sorted by block index (``lax.sort``, O(N n) memory: of (uint16 segment,
+pair id) pairs of all rows as one 1-D array, which XLA runs as CUB's pair radix sort, or where the segments do not
+fit 16 bits of packed int32 keys, per row of [B, Hk, N*n] or from ``DKV_FLAT_SORT_MIN_PAIRS`` pairs as one 1-D
+array), and each key block's segment starts where the sorted keys first reach it. The
 dK/dV kernel has one program per (batch, kv head, key block w): it loads K_w, V_w once, walks its segment in
 chunks of ``DKV_ROWS`` packed rows (queries x G heads, gathered), accumulates ``dV += P^T dO`` and
 ``dK += dS^T Q`` in registers, adds the own-block contribution of the b queries of block w (causal), and writes
@@ -61,9 +62,10 @@ bitwise deterministic.
 Trade-offs: (+) no atomics (Pallas-Triton does expose ``atomic_add``, but float atomics make training
 non-reproducible and the 4 x 16 x 16 scattered adds per query would contend in L2), no [N, Nc] or
 [N, n, b, d] intermediate, dK/dV tiles are dense ``[rows, b]`` matmuls with no block-diagonal waste.
-(-) one XLA sort of N*n int32 pairs per (batch, kv head), and load imbalance: a block selected by many
+(-) one XLA sort of the N*n pairs of every (batch, kv head), and load imbalance: a block selected by many
 queries is walked by one program (in causal mode early blocks are visible to more queries; with uniform
-choices block 0 gets ~ n*b*ln(N/b) pairs vs n*b on average). The alternatives considered: float atomics
+choices block 0 gets ~ n*b*ln(N/b) pairs vs n*b on average), which the launch order softens: key blocks are the
+outermost grid axis (``DKV_BLOCKS_OUTER``), so the long early blocks of every row start first. The alternatives considered: float atomics
 from the dQ kernel (fast, not deterministic) and the dense-by-tile scan (each key block scans all later
 query tiles testing ``selected == w``: O(N^2 / b) work, far too slow beyond a few thousand positions).
 
@@ -84,6 +86,7 @@ Mosaic GPU. Works with jax 0.10.2 and 0.11.x.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -139,17 +142,37 @@ ATTN_MAX_KEYS = 64
 # (benchmarks/results/gpu_call12_2026-11-27).
 ATTN_NUM_WARPS = 1
 DQ_NUM_WARPS = 1
-# dK/dV: packed rows (pairs x G heads) per chunk of a key block's query list ([rows, d] x [d, b] tiles).
-DKV_ROWS = 64
+# dK/dV: packed rows (pairs x G heads) per chunk of a key block's query list ([rows, d] x [d, b] tiles). With the
+# longest lists launched first (``DKV_BLOCKS_OUTER``) 32 beat 64 (H200, 65,536 tokens, per-kernel device time,
+# benchmarks/results/gpu_call67_2026-11-29): 0.078 -> 0.065 ms at N = 1k, 0.085 -> 0.077 at 4k; 128: 0.109 / 0.122;
+# at 32 rows, 16 rows took 0.080 / 0.108, 3 pipeline stages 0.070 / 0.088, 2 warps 0.097 / 0.103 (gpu_call69).
+# The gated dK/dV kernel (N >= 8k) has its own constant, ``gated_gpu.DKV_ROWS`` (64: 32 took 0.311 instead of 0.286 ms
+# there at 32k).
+DKV_ROWS = 32
 # One warp here too: the dK/dV kernel's device time 0.133 -> 0.092 ms at N = 1k, unchanged at 32k (H100, per-kernel
 # profile, benchmarks/results/gpu_call20_2026-11-27; 2 warps with 32 rows: 0.113; 1 warp with 32 rows: 0.090 at
 # 1k but 0.234 instead of 0.205 at 32k).
 DKV_NUM_WARPS = 1
-# dK/dV inverse selection: from this many (query, slot) pairs per (batch, kv head) on (N >= 8,192 with n = 4),
-# all rows are sorted as one 1-D array, which XLA runs as CUB's radix sort (``_inverse_selection``). Device time
-# of the sort (H100, 65,536 tokens, benchmarks/results/gpu_call31_2026-11-27): 0.053 / 0.054 / 0.053 ms at N =
-# 1k / 4k / 32k against 0.035 / 0.058 / 0.115 for XLA's per-row sort, which is also one kernel instead of ~10.
+# dK/dV launch order. 1 = grid (batch, kv head, key block): CUDA launches blockIdx.x fastest, so every row's key block 0
+# starts before any row's block 1, and so on. In causal mode the early blocks are visible to more queries and have the
+# longest query lists (with uniform choices block 0 gets ~ n * b * ln(N / b) pairs against n * b on average: ~355
+# against 64 at N = 4k), and in the key-block-fastest order (0) the last rows' long programs start in the
+# kernel's last wave and run alone at its end. Bidirectional lists are even, so either order serves there. Measured
+# (H200, 65,536 tokens, alternated twice in one process, benchmarks/results/gpu_call66_2026-11-29): dK/dV 0.092 ->
+# 0.078 ms at N = 1k, 0.113 -> 0.085 at 4k; the gated dK/dV 0.298 -> 0.286 at 32k, 0.291 either way at 64k (B = 1).
+DKV_BLOCKS_OUTER = 1
+# dK/dV inverse selection where the (uint16) pair sort below does not apply: from this many (query, slot) pairs per
+# (batch, kv head) on (N >= 8,192 with n = 4), all rows' packed int32 keys are sorted as one 1-D array, which XLA
+# runs as CUB's radix sort (``_inverse_selection``). Device time of the sort (H100, 65,536 tokens,
+# benchmarks/results/gpu_call31_2026-11-27): 0.053 / 0.054 / 0.053 ms at N = 1k / 4k / 32k against 0.035 / 0.058 /
+# 0.115 for XLA's per-row sort, which is also one kernel instead of ~10.
 DKV_FLAT_SORT_MIN_PAIRS = 32768
+# 1 = sort (segment, pair id) as (uint16 key, int32 value) pairs, one 1-D array, wherever the segments (batch, kv head,
+# key block or "none") fit 16 bits (for 65,536 tokens per batch at every N): XLA hands that to CUB's pair radix sort,
+# which makes 2 passes over 16-bit keys instead of 4 over the packed int32 keys. 0 = the packed int32 sorts above.
+# Device time of the sort (H200, alternated twice in one process, benchmarks/results/gpu_call65_2026-11-29): 0.034 ->
+# 0.030 ms at N = 1k (7 more kernels: CUB's passes), 0.057 -> 0.032 at 4k, 0.052 -> 0.032 at 32k.
+DKV_SORT_U16_KEYS = 1
 # K / V as the attention kernels read them: True = head-major [B, Hk, N, d] (a transposed copy made in XLA: the
 # layer's XLA time grew by ~0.002 ms at N = 1k, gpu_call59_2026-11-28), False = the model's [B, N, Hk, d]. With
 # d = 16 a key row is 32 bytes either way, but head-major puts the 16 rows of a gathered block in 512 contiguous
@@ -337,8 +360,9 @@ def _attn_tiles(g: int, block_size: int) -> tuple[int, int]:
     return bq, max(16, _next_pow2(bq * g))
 
 
-def _dkv_tiles(g: int) -> tuple[int, int]:
-    cq = _floor_pow2(max(1, DKV_ROWS // g))
+def _dkv_tiles(g: int, rows: int) -> tuple[int, int]:
+    """(pairs per chunk CQ, padded packed rows RP) of a dK/dV walk with ``rows`` packed rows per chunk."""
+    cq = _floor_pow2(max(1, rows // g))
     return cq, max(16, _next_pow2(cq * g))
 
 
@@ -498,12 +522,25 @@ def _dq_kernel(q_ref, k_ref, v_ref, valid_ref, sel_ref, do_ref, lse_ref, delta_r
         rows.store(dq_ref, jnp.zeros((rp, d), dq_ref.dtype))
 
 
+def dkv_launch(nkb: int, bsz: int, hk: int, in_specs, out_specs):
+    """(grid, in_specs, out_specs, key-block grid axis) of a dK/dV kernel whose specs index (key block, batch, kv
+    head) grids, in the launch order of ``DKV_BLOCKS_OUTER``."""
+    if not DKV_BLOCKS_OUTER:
+        return (nkb, bsz, hk), in_specs, out_specs, 0
+
+    def blocks_last(spec):
+        index_map = spec.index_map
+        return dataclasses.replace(spec, index_map=lambda b, h, t: index_map(t, b, h))
+
+    return (bsz, hk, nkb), [blocks_last(s) for s in in_specs], [blocks_last(s) for s in out_specs], 2
+
+
 def _dkv_kernel(q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delta_ref, order_ref, starts_ref,
                 dk_ref, dv_ref, *, seq_len, g, n_sel, cq, rp, rp_own, block_size, causal, mask_padded,
-                qk_scale, sm_scale):
+                qk_scale, sm_scale, block_axis):
     # order_ref [M] (pair ids i*n + r sorted by block); starts_ref [NKB + 1]
     d = q_ref.shape[-1]
-    w = pl.program_id(0)
+    w = pl.program_id(block_axis)
     k0 = w * block_size
     kpos = k0 + jnp.arange(block_size, dtype=jnp.int32)
     kin = kpos < seq_len
@@ -624,10 +661,11 @@ def _inverse_selection(valid_i, sel_enc, n_key_blocks):
     """(order [B, Hk, N*n] pair ids sorted by block, starts [B, Hk, NKB + 1]) for the dK/dV kernel.
 
     Pairs (query i, slot r) have id i * n + r and key = their kept block, or NKB (sorts last) when the
-    slot is not kept or the query is padding. One ``lax.sort`` orders them stably by block: of the packed
-    int32 ``key * (N n) + id`` where that fits (one operand sorts faster than a (key, id) pair), else of
-    (key, id). A block's segment starts where the sorted keys first reach it: each key's first position is
-    scattered to its block (unique indices, the rest dropped) and blocks nobody selected take the next
+    slot is not kept or the query is padding. One ``lax.sort`` orders them stably by block: of (uint16 segment
+    ``row * (NKB + 1) + key``, int32 id) pairs over all rows where the segments fit 16 bits (``DKV_SORT_U16_KEYS``),
+    else of the packed int32 ``key * (N n) + id`` where that fits (one operand sorts faster than a (key, id)
+    pair), else of (key, id). A block's segment starts where the sorted keys first reach it: each key's first
+    position is scattered to its block (unique indices, the rest dropped) and blocks nobody selected take the next
     block's start (a reverse cumulative min). Deterministic, and without the contended scatter-add of
     per-block counts; ``searchsorted`` would be a ``while`` loop of ~log2(N n) small kernels.
     """
@@ -637,7 +675,14 @@ def _inverse_selection(valid_i, sel_enc, n_key_blocks):
     keys = jnp.transpose(keys, (0, 2, 1, 3)).reshape(bsz, hk, n_pairs).astype(jnp.int32)
     ids = lax.broadcasted_iota(jnp.int32, keys.shape, 2)
     rows = lax.broadcasted_iota(jnp.int32, keys.shape, 0) * hk + lax.broadcasted_iota(jnp.int32, keys.shape, 1)
-    if n_pairs >= DKV_FLAT_SORT_MIN_PAIRS and bsz * hk * (n_key_blocks + 1) * n_pairs <= _PACKED_SORT_MAX:
+    n_segments = bsz * hk * (n_key_blocks + 1)
+    if DKV_SORT_U16_KEYS and n_segments <= 2**16:
+        # stable, so each segment keeps its pair ids in increasing order (as the packed sorts below)
+        segment_keys = (rows * (n_key_blocks + 1) + keys).astype(jnp.uint16).reshape(-1)
+        sorted_segments, order = lax.sort((segment_keys, ids.reshape(-1)), num_keys=1, is_stable=True)
+        order = order.reshape(bsz, hk, n_pairs)
+        sorted_keys = sorted_segments.astype(jnp.int32).reshape(bsz, hk, n_pairs) % (n_key_blocks + 1)
+    elif n_pairs >= DKV_FLAT_SORT_MIN_PAIRS and n_segments * n_pairs <= _PACKED_SORT_MAX:
         # (row, key, id) packed into one int32 and sorted as one 1-D array: each row's n_pairs entries stay
         # together and in order, and XLA hands a long 1-D int32 sort to CUB's radix sort on GPUs
         packed = (rows * (n_key_blocks + 1) + keys) * n_pairs + ids
@@ -650,7 +695,6 @@ def _inverse_selection(valid_i, sel_enc, n_key_blocks):
         sorted_keys, order = lax.sort((keys, ids), dimension=2, is_stable=True, num_keys=1)
     first = jnp.concatenate([jnp.ones_like(sorted_keys[..., :1], jnp.bool_),
                              sorted_keys[..., 1:] != sorted_keys[..., :-1]], axis=-1)
-    n_segments = bsz * hk * (n_key_blocks + 1)
     # every other position gets its own out-of-range index, so that all indices are unique and dropped
     segment = jnp.where(first, rows * (n_key_blocks + 1) + sorted_keys, n_segments + rows * n_pairs + ids)
     starts = jnp.full((n_segments,), n_pairs, jnp.int32).at[segment.reshape(-1)].set(
@@ -691,21 +735,22 @@ def _bwd_call(q, k, v, valid_i, sel_enc, o, lse, do, *, causal, block_size, mask
     # dK/dV: one program per key block, over the inverted selection
     nkb = pl.cdiv(n, block_size)
     order, starts = _inverse_selection(valid_i, sel_enc, nkb)
-    cq, rp_dkv = _dkv_tiles(g)
+    cq, rp_dkv = _dkv_tiles(g, DKV_ROWS)
     rp_own = max(16, _next_pow2(block_size * g))
+    grid, in_specs, out_specs, block_axis = dkv_launch(nkb, bsz, hk, [
+        q_spec, kv_spec, kv_spec, valid_spec, q_spec, row_spec, row_spec,
+        pl.BlockSpec((None, None, n * n_sel), lambda t, b, hh: (b, hh, 0)),
+        pl.BlockSpec((None, None, nkb + 1), lambda t, b, hh: (b, hh, 0)),
+    ], [kv_spec, kv_spec])
     dk, dv = pl.pallas_call(
         functools.partial(
             _dkv_kernel, seq_len=n, g=g, n_sel=n_sel, cq=cq, rp=rp_dkv, rp_own=rp_own,
             block_size=block_size, causal=causal, mask_padded=mask_padded, qk_scale=qk_scale,
-            sm_scale=sm_scale,
+            sm_scale=sm_scale, block_axis=block_axis,
         ),
-        grid=(nkb, bsz, hk),
-        in_specs=[
-            q_spec, kv_spec, kv_spec, valid_spec, q_spec, row_spec, row_spec,
-            pl.BlockSpec((None, None, n * n_sel), lambda t, b, hh: (b, hh, 0)),
-            pl.BlockSpec((None, None, nkb + 1), lambda t, b, hh: (b, hh, 0)),
-        ],
-        out_specs=[kv_spec, kv_spec],
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=_compiler_params(DKV_NUM_WARPS, DKV_NUM_STAGES),
         interpret=interpret,

@@ -326,9 +326,11 @@ def test_attention_vs_reference_and_oracle(n, h, hk, n_sel, causal, mask_padded,
 
 
 @pytest.mark.parametrize("causal,mask_padded", [(True, False), (False, True)])
-def test_kv_layouts_give_identical_results(monkeypatch, causal, mask_padded):
-    """The kernels read K / V head-major ([B, Hk, N, d], ``KV_HEAD_MAJOR``) or in the model's [B, N, Hk, d]:
-    only the addresses differ, so outputs and all gradients must be bitwise equal (G = 2: four slot groups)."""
+@pytest.mark.parametrize("constant", ["KV_HEAD_MAJOR", "DKV_BLOCKS_OUTER"])
+def test_layouts_and_launch_orders_give_identical_results(monkeypatch, causal, mask_padded, constant):
+    """The kernels read K / V head-major ([B, Hk, N, d], ``KV_HEAD_MAJOR``) or in the model's [B, N, Hk, d], and
+    the dK/dV grid runs key blocks outermost or innermost (``DKV_BLOCKS_OUTER``): only addresses and launch order
+    differ, so outputs and all gradients must be bitwise equal (G = 2: four slot groups)."""
     rng = np.random.default_rng(11 + causal)
     n, h, hk, n_sel, lens = 130, 4, 2, 4, [130, 71]
     valid_np = _valid(n, lens)
@@ -338,12 +340,34 @@ def test_kv_layouts_give_identical_results(monkeypatch, causal, mask_padded):
     args = (q, k, v, jnp.asarray(valid_np), jnp.asarray(sel), jnp.asarray(kept), ct)
     fn = functools.partial(ltis_gpu.ltis_attention_gpu, interpret=True)
     results = []
-    for head_major in (True, False):
-        monkeypatch.setattr(ltis_gpu, "KV_HEAD_MAJOR", head_major)  # read at trace time: a fresh jit per layout
+    for value in (1, 0):
+        monkeypatch.setattr(ltis_gpu, constant, value)  # read at trace time: a fresh jit per value
         run = jax.jit(functools.partial(_value_and_grads, fn, causal=causal, mask_padded_block_keys=mask_padded))
         results.append(run(*args))
     for name, a, b in zip(("o", "dq", "dk", "dv"), *results):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    if constant == "DKV_BLOCKS_OUTER":  # the grid the dK/dV kernel was launched with, per order
+        grids = {}
+        for value in (1, 0):
+            monkeypatch.setattr(ltis_gpu, constant, value)
+            jaxpr = jax.make_jaxpr(functools.partial(_value_and_grads, fn, causal=causal,
+                                                     mask_padded_block_keys=mask_padded))(*args)
+            grids[value] = [e.params["grid_mapping"].grid for e in _pallas_eqns(jaxpr.jaxpr)
+                            if "dkv" in str(e.params.get("name_and_src_info", e.params.get("name", "")))]
+        nkb = -(-n // BLOCK)
+        assert grids == {1: [(len(lens), hk, nkb)], 0: [(nkb, len(lens), hk)]}, grids
+
+
+def _pallas_eqns(jaxpr):
+    """Every ``pallas_call`` equation of a jaxpr, nested ones (custom_vjp, pjit) included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(sub, "eqns"):
+                    yield from _pallas_eqns(sub)
 
 
 def test_attention_nan_at_padding_does_not_leak():
@@ -404,14 +428,16 @@ def test_dkv_is_deterministic():
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("sort", ["flat", "per_row", "pairs"])
+@pytest.mark.parametrize("sort", ["u16", "flat", "per_row", "pairs"])
 def test_inverse_selection_matches_a_stable_argsort(monkeypatch, sort):
     """The dK/dV kernel's inverse map: pair ids stably sorted by kept block (unkept slots and padded
     queries last) and each block's segment start (blocks nobody selected included), against numpy; for the
-    one 1-D sort of all rows' packed
-    keys, the per-row packed sort, and the (key, id) sort used when a packed key would overflow int32."""
-    if sort == "per_row":
-        monkeypatch.setattr(ltis_gpu, "DKV_FLAT_SORT_MIN_PAIRS", 2**31 - 1)
+    (uint16 segment, id) pair sort of all rows, the one 1-D sort of all rows' packed keys, the per-row packed
+    sort, and the (key, id) sort used when a packed key would overflow int32."""
+    if sort != "u16":
+        monkeypatch.setattr(ltis_gpu, "DKV_SORT_U16_KEYS", 0)
+    # each case on its own path: this test's 210 pairs per row are below the production flat-sort threshold
+    monkeypatch.setattr(ltis_gpu, "DKV_FLAT_SORT_MIN_PAIRS", 2**31 - 1 if sort == "per_row" else 1)
     if sort == "pairs":
         monkeypatch.setattr(ltis_gpu, "_PACKED_SORT_MAX", 0)
     rng = np.random.default_rng(5)
@@ -422,8 +448,17 @@ def test_inverse_selection_matches_a_stable_argsort(monkeypatch, sort):
     sel_enc[1, :, 0] = np.where(np.isin(sel_enc[1, :, 0], [1, 3]), 0, sel_enc[1, :, 0])  # blocks nobody selected
     valid = np.ones((bsz, n), np.int32)
     valid[1, 40:] = 0
-    order, starts = map(np.asarray, jax.jit(ltis_gpu._inverse_selection, static_argnums=2)(
-        jnp.asarray(valid), jnp.asarray(sel_enc), nkb))
+    args = (jnp.asarray(valid), jnp.asarray(sel_enc), nkb)
+
+    def inverse_selection(*a):  # a new function per case: jax caches traces per function, not per module constant
+        return ltis_gpu._inverse_selection(*a)
+
+    sorts = [e for e in jax.make_jaxpr(inverse_selection, static_argnums=2)(*args).eqns if e.primitive.name == "sort"]
+    assert len(sorts) == 1
+    operands = [(str(x.aval.dtype), x.aval.ndim) for x in sorts[0].invars]
+    assert operands == {"u16": [("uint16", 1), ("int32", 1)], "flat": [("int32", 1)],
+                        "per_row": [("int32", 3)], "pairs": [("int32", 3), ("int32", 3)]}[sort]
+    order, starts = map(np.asarray, jax.jit(inverse_selection, static_argnums=2)(*args))
     for b in range(bsz):
         for h in range(hk):
             keys = np.where((sel_enc[b, :, h] >= 0) & (valid[b, :, None] != 0), sel_enc[b, :, h], nkb).reshape(-1)
