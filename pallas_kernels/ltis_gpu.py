@@ -65,9 +65,10 @@ non-reproducible and the 4 x 16 x 16 scattered adds per query would contend in L
 (-) one XLA sort of the N*n pairs of every (batch, kv head), and load imbalance: a block selected by many
 queries is walked by one program (in causal mode early blocks are visible to more queries; with uniform
 choices block 0 gets ~ n*b*ln(N/b) pairs vs n*b on average), which the launch order softens: key blocks are the
-outermost grid axis (``DKV_BLOCKS_OUTER``), so the long early blocks of every row start first. The alternatives considered: float atomics
-from the dQ kernel (fast, not deterministic) and the dense-by-tile scan (each key block scans all later
-query tiles testing ``selected == w``: O(N^2 / b) work, far too slow beyond a few thousand positions).
+outermost grid axis (``DKV_BLOCKS_OUTER``), so the long early blocks of every row start first. The alternatives
+considered: float atomics from the dQ kernel (fast, not deterministic) and the dense-by-tile scan (each key block
+scans all later query tiles testing ``selected == w``: O(N^2 / b) work, far too slow beyond a few thousand
+positions).
 
 Inputs at padded positions never leak: invalid query rows are masked on load (q, dO, delta -> 0) and
 store 0; masked keys are loaded as 0 and masked scores / dS entries are replaced (select, not multiply)
