@@ -75,14 +75,16 @@ def test_gated_matches_reference(n, h, hk, lens, n_sel, mask_padded, dtype):
         assert (np.asarray(x.astype(jnp.float32))[~valid_np] == 0).all(), f"{name} at padded queries must be 0"
 
 
-def test_kv_layouts_give_identical_results(monkeypatch):
-    """Head-major K / V (``ltis_gpu.KV_HEAD_MAJOR``) and the model's layout differ only in addresses: outputs and
-    all gradients bitwise equal."""
+@pytest.mark.parametrize("constant", ["KV_HEAD_MAJOR", "DKV_BLOCKS_OUTER"])
+def test_layouts_and_launch_orders_give_identical_results(monkeypatch, constant):
+    """Head-major K / V (``ltis_gpu.KV_HEAD_MAJOR``) and the model's layout differ only in addresses, the two dK/dV
+    launch orders (``ltis_gpu.DKV_BLOCKS_OUTER``) only in when each program runs: outputs and all gradients bitwise
+    equal."""
     _, args = _case(3, 130, 8, 2, [130, 64, 0], 4, jnp.float32)
     fn = functools.partial(gated_gpu.gated_attention_gpu, interpret=True)
     results = []
-    for head_major in (True, False):
-        monkeypatch.setattr(ltis_gpu, "KV_HEAD_MAJOR", head_major)  # read at trace time: a fresh jit per layout
+    for value in (1, 0):
+        monkeypatch.setattr(ltis_gpu, constant, value)  # read at trace time: a fresh jit per value
         results.append(jax.jit(functools.partial(_value_and_grads, fn))(*args))
     for name, a, b in zip(("out", "dq", "dk", "dv", "dgates"), *results):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
